@@ -1,0 +1,10 @@
+"""etap-torch: measure task affinity in one training run, predict the gain of every
+task group, and choose the best grouping.
+
+The public names are re-exported here; see README.md for a tour.
+"""
+
+from etap_torch._ext import built_with_cuda
+
+__all__ = ["built_with_cuda"]
+__version__ = "0.1.0"
