@@ -271,24 +271,32 @@ void load_rows(
 typedef float FloatLanes __attribute__((vector_size(kLanes * sizeof(float))));
 typedef double DoubleLanes
     __attribute__((vector_size(kLanes * sizeof(double))));
+// The same, read from any element address.
+typedef float UnalignedFloatLanes
+    __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+typedef double UnalignedDoubleLanes
+    __attribute__((vector_size(kLanes * sizeof(double)), aligned(8)));
 
 template <typename acc_t>
 struct LanesOf;
 template <>
 struct LanesOf<float> {
   using type = FloatLanes;
+  using unaligned = UnalignedFloatLanes;
   // Sources per tile: 4 x 2 accumulators fill half the AVX2 registers.
   static constexpr int kSourceTile = 4;
 };
 template <>
 struct LanesOf<double> {
   using type = DoubleLanes;
+  using unaligned = UnalignedDoubleLanes;
   static constexpr int kSourceTile = 2;
 };
 
-template <typename acc_t, typename lanes_t>
-ETAP_ALWAYS_INLINE void load_lanes(const acc_t* values, lanes_t& lanes) {
-  std::memcpy(&lanes, values, sizeof(lanes));
+template <typename acc_t>
+ETAP_ALWAYS_INLINE typename LanesOf<acc_t>::type load_lanes(
+    const acc_t* values) {
+  return *reinterpret_cast<const typename LanesOf<acc_t>::unaligned*>(values);
 }
 
 template <typename lanes_t>
@@ -326,12 +334,14 @@ ETAP_ALWAYS_INLINE void product_tile(
   const int64_t whole = length - length % kLanes;
   for (int64_t i = 0; i < whole; i += kLanes) {
     lanes_t source_lanes[kS];
+#pragma GCC unroll 4
     for (int s = 0; s < kS; ++s) {
-      load_lanes(source[s] + i, source_lanes[s]);
+      source_lanes[s] = load_lanes(source[s] + i);
     }
+#pragma GCC unroll 4
     for (int t = 0; t < kT; ++t) {
-      lanes_t target_lanes;
-      load_lanes(target[t] + i, target_lanes);
+      const lanes_t target_lanes = load_lanes(target[t] + i);
+#pragma GCC unroll 4
       for (int s = 0; s < kS; ++s) {
         lanes[s][t] += source_lanes[s] * target_lanes;
       }
