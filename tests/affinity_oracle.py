@@ -65,9 +65,11 @@ def random_tensor(
 
 def random_losses(num_tasks: int, generator: torch.Generator, device: str = "cpu") -> torch.Tensor:
     """Positive losses ``[T]`` in [0.5, 1.5)."""
-    return (torch.rand(num_tasks, generator=generator, dtype=torch.float64) + 0.5).to(
-        torch.float32
-    ).to(device)
+    return (
+        (torch.rand(num_tasks, generator=generator, dtype=torch.float64) + 0.5)
+        .to(torch.float32)
+        .to(device)
+    )
 
 
 def reference_affinity(
@@ -94,9 +96,7 @@ def reference_magnitude(
 ) -> torch.Tensor:
     """``sum_k <|grads[k][t]|, |directions[k][s]|> / |losses[t]|``: the scale that bounds
     the rounding error of each entry."""
-    return reference_affinity(
-        [g.abs() for g in grads], [d.abs() for d in directions], losses.abs()
-    )
+    return reference_affinity([g.abs() for g in grads], [d.abs() for d in directions], losses.abs())
 
 
 def assert_matches_reference(

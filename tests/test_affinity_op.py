@@ -32,10 +32,12 @@ def random_case(
     grads, updates = [], []
     for _ in range(rng.randint(1, 5)):
         shape = (num_tasks, *rng.choice(SHAPES))
-        grads.append(random_tensor(shape, rng.choice(FLOAT_DTYPES), rng.choice(LAYOUTS),
-                                   generator, device))
-        updates.append(random_tensor(shape, rng.choice(FLOAT_DTYPES), rng.choice(LAYOUTS),
-                                     generator, device))
+        grads.append(
+            random_tensor(shape, rng.choice(FLOAT_DTYPES), rng.choice(LAYOUTS), generator, device)
+        )
+        updates.append(
+            random_tensor(shape, rng.choice(FLOAT_DTYPES), rng.choice(LAYOUTS), generator, device)
+        )
     return grads, updates, random_losses(num_tasks, generator, device)
 
 
@@ -69,8 +71,9 @@ def test_layout_equals_contiguous_copy(device: str, layout: str, dtype: torch.dt
     losses = random_losses(4, generator, device)
 
     result = ops.affinity(grads, updates, losses)
-    copies = ops.affinity([g.contiguous() for g in grads], [u.contiguous() for u in updates],
-                          losses)
+    copies = ops.affinity(
+        [g.contiguous() for g in grads], [u.contiguous() for u in updates], losses
+    )
     magnitude = reference_magnitude(grads, updates, losses)
     assert_matches_reference(result, copies.double().cpu(), magnitude)
     assert_matches_reference(result, reference_affinity(grads, updates, losses), magnitude)
@@ -126,8 +129,7 @@ def test_zero_size_tensors_contribute_nothing(device: str) -> None:
     empty = [torch.empty(3, 0, device=device), torch.empty(3, 4, 0, 2, device=device)]
 
     without = ops.affinity(grads, updates, losses)
-    with_empty = ops.affinity([empty[0], *grads, empty[1]], [empty[0], *updates, empty[1]],
-                              losses)
+    with_empty = ops.affinity([empty[0], *grads, empty[1]], [empty[0], *updates, empty[1]], losses)
     assert torch.equal(without, with_empty)
 
     all_empty = ops.affinity(empty, empty, losses)
@@ -225,39 +227,60 @@ def test_docstring_examples_run() -> None:
             r"`updates` should have one entry per entry of `grads` \(1\)\. Found 0",
         ),
         (
-            lambda d: ([torch.ones(3, 4, device=d)], [torch.ones(3, 4, device=d)],
-                       torch.ones(2, device=d)),
+            lambda d: (
+                [torch.ones(3, 4, device=d)],
+                [torch.ones(3, 4, device=d)],
+                torch.ones(2, device=d),
+            ),
             r"`grads\[0\]` should be a stack of shape \[T, \*shape\] with T = 2 .* "
             r"Found shape \[3, 4\]",
         ),
         (
-            lambda d: ([torch.ones(2, 4, device=d)], [torch.ones(2, 5, device=d)],
-                       torch.ones(2, device=d)),
+            lambda d: (
+                [torch.ones(2, 4, device=d)],
+                [torch.ones(2, 5, device=d)],
+                torch.ones(2, device=d),
+            ),
             r"`updates\[0\]` should have shape \[2, 4\] .* Found shape \[2, 5\]",
         ),
         (
-            lambda d: ([torch.ones(2, 4, dtype=torch.int64, device=d)],
-                       [torch.ones(2, 4, device=d)], torch.ones(2, device=d)),
+            lambda d: (
+                [torch.ones(2, 4, dtype=torch.int64, device=d)],
+                [torch.ones(2, 4, device=d)],
+                torch.ones(2, device=d),
+            ),
             r"`grads\[0\]` should have a floating dtype .* Found Long",
         ),
         (
-            lambda d: ([torch.ones(2, 4, device=d)],
-                       [torch.ones(2, 4, dtype=torch.bool, device=d)], torch.ones(2, device=d)),
+            lambda d: (
+                [torch.ones(2, 4, device=d)],
+                [torch.ones(2, 4, dtype=torch.bool, device=d)],
+                torch.ones(2, device=d),
+            ),
             r"`updates\[0\]` should have a floating dtype .* Found Bool",
         ),
         (
-            lambda d: ([torch.ones(2, 4, device=d)], [torch.ones(2, 4, device=d)],
-                       torch.ones(2, 1, device=d)),
+            lambda d: (
+                [torch.ones(2, 4, device=d)],
+                [torch.ones(2, 4, device=d)],
+                torch.ones(2, 1, device=d),
+            ),
             r"`losses` should have shape \[T\] .* Found shape \[2, 1\]",
         ),
         (
-            lambda d: ([torch.ones(2, 4, device=d)], [torch.ones(2, 4, device=d)],
-                       torch.tensor(1.0, device=d)),
+            lambda d: (
+                [torch.ones(2, 4, device=d)],
+                [torch.ones(2, 4, device=d)],
+                torch.tensor(1.0, device=d),
+            ),
             r"`losses` should have shape \[T\] .* Found shape \[\]",
         ),
         (
-            lambda d: ([torch.ones(2, 4, device=d)], [torch.ones(2, 4, device=d)],
-                       torch.ones(2, dtype=torch.int32, device=d)),
+            lambda d: (
+                [torch.ones(2, 4, device=d)],
+                [torch.ones(2, 4, device=d)],
+                torch.ones(2, dtype=torch.int32, device=d),
+            ),
             r"`losses` should have a floating dtype .* Found Int",
         ),
     ],
