@@ -463,7 +463,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="Parameter `shared_params` should name every param"):
         AffinityTracker([shared[0], shared[1], shared[0]], full)
     with pytest.raises(
-        TypeError, match="Parameter `optimizer` should .*torch.optim.rmsprop.RMSprop"
+        TypeError, match=r"Parameter `optimizer` should .*torch\.optim\.rmsprop\.RMSprop"
     ):
         AffinityTracker(shared, torch.optim.RMSprop(model.parameters()))
     with pytest.raises(ValueError, match="Parameter `every` should"):
