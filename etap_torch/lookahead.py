@@ -32,7 +32,6 @@ def exact_lookahead(
     *,
     model: torch.nn.Module | None = None,
     lr: float | None = None,
-    losses: Sequence[torch.Tensor] | None = None,
     normalize: str = "loss",
 ) -> torch.Tensor:
     """TAG's lookahead affinity `Z[source, target]` of the current step, per unit learning rate.
@@ -44,13 +43,12 @@ def exact_lookahead(
             every other parameter stay as they are.
         optimizer: the training optimizer. Its class, hyperparameters and state before the
             step define the trial step; a copy takes the step, the optimizer is untouched.
-        model: the module whose buffers (BatchNorm running statistics) are restored after
-            every forward pass; the random number generator state is restored too, so
-            every forward sees the same dropout masks and training continues unchanged.
+        model: the module whose buffers (BatchNorm running statistics) the forward passes
+            must leave alone: they update copies. The random number generator state is
+            restored before every forward too, so every forward sees the same dropout masks,
+            and after the call, so training continues unchanged.
         lr: the learning rate of the trial steps; default the optimizer's (which must then be
             one positive value over the shared parameters' groups).
-        losses: the base losses `L_t(theta)` with their graph, when the caller has already
-            evaluated them (their graph is retained); default a call of `compute_losses`.
         normalize: `"loss"` gives TAG's relative score above; `"none"` gives
             `(L_t(theta) - L_t(theta - u_s)) / eta`.
 
@@ -59,7 +57,9 @@ def exact_lookahead(
         base loss is not finite or not positive is NaN under `normalize="loss"`.
 
     Every parameter's `.grad`, every buffer of `model`, the optimizer's state and the
-    global random state are the same after the call as before it.
+    global random state are the same after the call as before it. The trial steps move the
+    shared parameters in place (and back), so a graph built before the call cannot be
+    back-propagated after it: call this before the training step's forward pass.
     """
     params = list(shared_params)
     if not params:
@@ -71,12 +71,10 @@ def exact_lookahead(
     step_size = _trial_learning_rate(optimizer, params, lr)
 
     devices = sorted({p.device.index or 0 for p in params if p.device.type == "cuda"})
-    saved_buffers = _snapshot_buffers(model)
     with torch.random.fork_rng(devices=devices):
         rng_state = _rng_state(devices)
-        if losses is None:
+        with _private_buffers(model):
             losses = list(compute_losses())
-            _restore_buffers(model, saved_buffers)
         base_losses = torch.stack([loss.detach().reshape(()) for loss in losses])
         per_task_grads = [
             torch.autograd.grad(
@@ -93,11 +91,10 @@ def exact_lookahead(
 
         trial_losses = []
         for source_grads in per_task_grads:
-            with _trial_step(optimizer, params, source_grads, step_size):
+            with _trial_step(optimizer, params, source_grads, step_size), _private_buffers(model):
                 _set_rng_state(devices, rng_state)
                 with torch.no_grad():
                     moved = torch.stack([loss.reshape(()) for loss in compute_losses()])
-                _restore_buffers(model, saved_buffers)
             trial_losses.append(moved.detach())
 
     base = base_losses.to("cpu", torch.float64)
@@ -178,18 +175,29 @@ class _trial_step:
                 param.grad = grad
 
 
-def _snapshot_buffers(model: torch.nn.Module | None) -> list[torch.Tensor]:
-    if model is None:
-        return []
-    return [buffer.detach().clone() for buffer in model.buffers()]
+class _private_buffers:
+    """Lets a forward pass update copies of the module's buffers (BatchNorm statistics).
 
+    The original buffer tensors are put back untouched, so their values and the version
+    counters an existing graph checks stay as they were.
+    """
 
-def _restore_buffers(model: torch.nn.Module | None, saved: list[torch.Tensor]) -> None:
-    if model is None:
-        return
-    with torch.no_grad():
-        for buffer, value in zip(model.buffers(), saved, strict=True):
-            buffer.copy_(value)
+    def __init__(self, model: torch.nn.Module | None) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.originals = []
+        if self.model is None:
+            return
+        for module in self.model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    self.originals.append((module, name, buffer))
+                    module._buffers[name] = buffer.detach().clone()
+
+    def __exit__(self, *exc_info: object) -> None:
+        for module, name, buffer in self.originals:
+            module._buffers[name] = buffer
 
 
 def _rng_state(devices: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -24,6 +24,9 @@ class ThreeHeadModel(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(6, 1) for _ in range(NUM_TASKS))
         self.to(dtype)
 
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
+        return self.task_losses(inputs, targets)
+
     def task_losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
         features = self.trunk(inputs)
         return [
