@@ -513,3 +513,12 @@ def test_accumulation_over_four_micro_batches_equals_one_batch():
         reference_optimizer.zero_grad()
     assert tracker.counts.eq(3).all()
     torch.testing.assert_close(tracker.affinity, reference.affinity, rtol=1e-10, atol=1e-10)
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import etap_torch.tracker
+
+    result = doctest.testmod(etap_torch.tracker, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
