@@ -81,8 +81,9 @@ class AffinityTracker:
             backward per task (`False`), or try batched and fall back for good on the
             first failure (`None`).
 
-    Read-outs (float64, on the CPU): `affinity` (mean per entry over measured steps; NaN
-    where no step was valid), `stderr`, `counts`.
+    Read-outs (on the CPU): `affinity` (float64 mean per entry over the valid measured
+    steps; NaN where no step was valid), `stderr`, `counts` and `missing` (int64),
+    `measured_steps`, `skipped_steps` (measured steps the scaler skipped).
 
     Example:
         >>> import torch
@@ -547,6 +548,14 @@ class AffinityTracker:
         count = self._count.to(torch.float64)
         variance = self._m2 / (count - 1).clamp(min=1)
         return torch.where(self._count > 1, (variance / count).sqrt(), math.nan)
+
+    @property
+    def missing(self) -> torch.Tensor:
+        """[T, T] int64: measured steps at which an entry was not valid (a bad target loss,
+        a non-finite gradient, or a step the scaler skipped), never folded in as zeros."""
+        if self._count is None:
+            return torch.zeros(0, 0, dtype=torch.int64)
+        return self.measured_steps + self.skipped_steps - self._count
 
     @property
     def optimizer_steps(self) -> int:

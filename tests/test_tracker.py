@@ -358,6 +358,7 @@ def test_bad_target_loss_is_missing_not_zero():
     optimizer.step()
     assert tracker.counts[:, 0].tolist() == [3, 2]
     assert tracker.counts[:, 1].tolist() == [1, 1]
+    assert tracker.missing.tolist() == [[0, 2], [1, 2]]
 
 
 def test_never_valid_entries_are_nan():

@@ -53,6 +53,7 @@ def test_overflowed_steps_are_skipped_and_counted():
     taken = 40 - tracker.skipped_steps
     # The last step is pending when training stops; it was taken if the count says so.
     assert tracker.counts.eq(taken).all() or tracker.counts.eq(taken - 1).all()
+    assert tracker.missing.eq(tracker.skipped_steps).all()
     reference = train(None, autocast=True, steps=int(tracker.counts[0, 0]), same_batch=True)
     torch.testing.assert_close(tracker.affinity, reference.affinity, rtol=0, atol=1e-3)
 
