@@ -7,7 +7,6 @@ import gc
 import math
 import warnings
 
-import _fallback_ops  # noqa: F401
 import pytest
 import torch
 from torch import nn
@@ -523,3 +522,29 @@ def test_docstring_example_runs():
 
     result = doctest.testmod(etap_torch.tracker, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("name", ["sgd_everything", "sgd_groups", "adam_groups", "adamw"])
+def test_float32_training_matches_the_float64_oracle(name):
+    torch.manual_seed(9)
+    model = ThreeHeadModel(torch.float32)
+    optimizer = OPTIMIZER_CONFIGS[name](model)
+    tracker = AffinityTracker(model.trunk.parameters(), optimizer)
+    expected = []
+    for step in range(3):
+        batch = make_batch(step, dtype=torch.float32)
+        shadow_model, shadow_optimizer = copy.deepcopy((model, optimizer))
+        shadow_model.double()
+        for state in shadow_optimizer.state.values():
+            for key, value in state.items():
+                if torch.is_tensor(value) and key != "step":
+                    state[key] = value.double()
+        expected.append(
+            oracle_affinity(shadow_model, shadow_optimizer, tuple(t.double() for t in batch))
+        )
+        tracker.backward(model.task_losses(*batch))
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.testing.assert_close(
+        tracker.affinity, torch.stack(expected).mean(0), rtol=1e-4, atol=1e-4
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import _fallback_ops  # noqa: F401
 import pytest
 import torch
 from test_tracker import ThreeHeadModel, assert_bitwise_equal, make_batch
