@@ -6,6 +6,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "ensemble.h"
+
 extern "C" {
 // `import etap_torch._C` loads this library, which runs the static
 // registrations below; the Python module itself is empty.
@@ -26,7 +28,7 @@ bool built_with_cuda() {
 #endif
 }
 
-} // namespace
+}  // namespace
 
 TORCH_LIBRARY(etap, m) {
   // Whether this build contains the CUDA kernels.
@@ -54,6 +56,8 @@ TORCH_LIBRARY(etap, m) {
   m.def("group_affinity(Tensor affinity, Tensor groups) -> Tensor");
 
   // ---- ensemble predictor (algorithm.md section 6) ------------------------
+  // The class torch.classes.etap.EnsemblePredictor, with its pickling.
+  etap::define_ensemble_predictor(m);
 
   // ---- group selection (algorithm.md section 7) ---------------------------
 }
