@@ -60,4 +60,13 @@ TORCH_LIBRARY(etap, m) {
   etap::define_ensemble_predictor(m);
 
   // ---- group selection (algorithm.md section 7) ---------------------------
+  // At most `max_groups` candidates that cover (or partition) every task,
+  // with the highest mean served gain; see csrc/grouping.h for the exact
+  // comparison and the tie-break. `chosen` is [N + T] bool (N + t: task t
+  // alone), `serving` [T] the index of the group serving each task,
+  // `served_gain` [T], `objective` and `exact` scalars.
+  m.def(
+      "select_groups(Tensor groups, Tensor gains, int max_groups, str mode, "
+      "bool allow_singletons, str method) -> (Tensor chosen, Tensor serving, "
+      "Tensor served_gain, Tensor objective, Tensor exact)");
 }

@@ -7,6 +7,7 @@ The public names are re-exported here; see README.md for a tour.
 from etap_torch import ops
 from etap_torch._ext import built_with_cuda
 from etap_torch.ensemble import EnsemblePredictor, group_affinity
+from etap_torch.grouping import SelectionResult, all_groups, select_from_predictor, select_groups
 from etap_torch.lookahead import exact_lookahead
 from etap_torch.metrics import prediction_quality
 from etap_torch.ops import affinity, affinity_adam, affinity_sgd
@@ -15,13 +16,17 @@ from etap_torch.tracker import AffinityTracker
 __all__ = [
     "AffinityTracker",
     "EnsemblePredictor",
+    "SelectionResult",
     "affinity",
     "affinity_adam",
     "affinity_sgd",
+    "all_groups",
     "built_with_cuda",
     "exact_lookahead",
     "group_affinity",
     "ops",
     "prediction_quality",
+    "select_from_predictor",
+    "select_groups",
 ]
 __version__ = "0.1.0"
