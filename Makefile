@@ -25,6 +25,7 @@ $(VENV)/.installed: requirements-dev.txt
 
 build: venv
 	$(PY) setup.py -q build_ext --inplace
+	$(PY) -c "import pathlib, site; pathlib.Path(site.getsitepackages()[0], 'etap_torch_checkout.pth').write_text('$(CURDIR)\\n')"
 
 demo: build
 	$(PY) -m etap_torch demo $(DEMO_ARGS)
