@@ -253,35 +253,23 @@ __device__ __forceinline__ void element_offsets(
 }
 
 // ---------------------------------------------------------------------------
-// The three families: where the source rows come from and how an element of
-// a direction is formed from the source task's value.
+// The three families: where the source rows come from and, unless they are
+// the directions already, how an element of a direction is formed from the
+// source task's value (load_column once per element, direction per task).
 
 struct GenericFamily {
   using Table = GenericTable;
-  // Source rows are read from `updates`, as they are.
+  // Source rows are read from `updates` and are the directions themselves.
   static constexpr int kSourcePointer = 1;
   static constexpr int kSourceStack = 1;
-
-  template <typename acc_t>
-  struct Column {};
-
-  template <typename acc_t>
-  static __device__ __forceinline__ Column<acc_t>
-  load_column(const Table&, int, const int64_t (&)[Table::kPointers]) {
-    return {};
-  }
-
-  template <typename acc_t>
-  static __device__ __forceinline__ acc_t
-  direction(acc_t update, const Column<acc_t>&) {
-    return update;
-  }
+  static constexpr bool kDirectionIsValue = true;
 };
 
 struct SgdFamily {
   using Table = SgdTable;
   static constexpr int kSourcePointer = 0;
   static constexpr int kSourceStack = 0;
+  static constexpr bool kDirectionIsValue = false;
 
   template <typename acc_t>
   struct Column {
@@ -297,9 +285,10 @@ struct SgdFamily {
     Column<acc_t> column;
     column.scale = static_cast<acc_t>(table.scale[slot]);
     const void* offset_data = table.data[slot][1];
-    column.offset = offset_data == nullptr
-        ? acc_t(0)
-        : load_tagged<acc_t>(offset_data, offsets[1], table.dtype[slot][1]);
+    column.offset =
+        offset_data == nullptr
+            ? acc_t(0)
+            : load_tagged<acc_t>(offset_data, offsets[1], table.dtype[slot][1]);
     return column;
   }
 
@@ -314,6 +303,7 @@ struct AdamFamily {
   using Table = AdamTable;
   static constexpr int kSourcePointer = 0;
   static constexpr int kSourceStack = 0;
+  static constexpr bool kDirectionIsValue = false;
 
   // Everything about one element that does not depend on the source task.
   template <typename acc_t>
@@ -339,9 +329,10 @@ struct AdamFamily {
       int pointer,
       const int64_t (&offsets)[Table::kPointers]) {
     const void* data = table.data[slot][pointer];
-    return data == nullptr ? acc_t(0)
-                           : load_tagged<acc_t>(
-                                 data, offsets[pointer], table.dtype[slot][pointer]);
+    return data == nullptr
+               ? acc_t(0)
+               : load_tagged<acc_t>(
+                     data, offsets[pointer], table.dtype[slot][pointer]);
   }
 
   template <typename acc_t>
@@ -366,9 +357,8 @@ struct AdamFamily {
     column.beta2_exp_avg_sq = beta2 * exp_avg_sq;
     column.one_minus_beta1 = acc_t(1) - beta1;
     column.one_minus_beta2 = acc_t(1) - beta2;
-    column.max_exp_avg_sq = group.amsgrad
-        ? load_or_zero<acc_t>(table, slot, 4, offsets)
-        : acc_t(0);
+    column.max_exp_avg_sq =
+        group.amsgrad ? load_or_zero<acc_t>(table, slot, 4, offsets) : acc_t(0);
     column.coupled_decay = group.decoupled ? acc_t(0) : decay;
     column.decoupled_decay = group.decoupled ? decay : acc_t(0);
     column.inv_bias_correction1 =
@@ -392,16 +382,16 @@ struct AdamFamily {
     const acc_t exp_avg =
         column.beta1_exp_avg + column.one_minus_beta1 * step_grad;
     const acc_t exp_avg_sq = column.beta2_exp_avg_sq +
-        column.one_minus_beta2 * step_grad * step_grad;
+                             column.one_minus_beta2 * step_grad * step_grad;
     // Written as a comparison so that a NaN second moment propagates.
     const acc_t second_moment =
         column.amsgrad && column.max_exp_avg_sq > exp_avg_sq
-        ? column.max_exp_avg_sq
-        : exp_avg_sq;
+            ? column.max_exp_avg_sq
+            : exp_avg_sq;
     const acc_t denominator =
         ::sqrt(second_moment) * column.inv_sqrt_bias_correction2 + column.eps;
     return exp_avg * column.inv_bias_correction1 / denominator +
-        column.decoupled_decay;
+           column.decoupled_decay;
   }
 };
 
@@ -411,8 +401,8 @@ struct AdamFamily {
 template <int kTasks, typename acc_t>
 struct TileShape {
   // About 16 KiB of staged values per side.
-  static constexpr int kColumns = std::min(256, 4096 / kTasks) * 4 /
-      static_cast<int>(sizeof(acc_t));
+  static constexpr int kColumns =
+      std::min(256, 4096 / kTasks) * 4 / static_cast<int>(sizeof(acc_t));
   // Row padding in elements; see the bank analysis in Note [Affinity tiles].
   static constexpr int kPad = 32 / kTasks;
   static constexpr int kRowStride = kColumns + kPad;
@@ -443,14 +433,15 @@ __device__ __forceinline__ void load_rows(
     acc_t (&values)[kRows]) {
   with_element_type<acc_t>(tag, [&](auto marker) {
     using scalar_t = typename decltype(marker)::type;
-    const scalar_t* column = static_cast<const scalar_t*>(data) + offset +
-        first_task * task_stride;
+    const scalar_t* column =
+        static_cast<const scalar_t*>(data) + offset + first_task * task_stride;
 #pragma unroll
     for (int j = 0; j < kRows; ++j) {
       const int row = row_lane + j * kRowLanes;
       values[j] = row < num_tasks
-          ? static_cast<acc_t>(column[static_cast<int64_t>(row) * task_stride])
-          : acc_t(0);
+                      ? static_cast<acc_t>(
+                            column[static_cast<int64_t>(row) * task_stride])
+                      : acc_t(0);
     }
   });
 }
@@ -506,15 +497,28 @@ __device__ __forceinline__ void stage_tile(
         tasks.num_sources,
         row_lane,
         values);
-  }
-  const auto column_state =
-      Family::template load_column<acc_t>(table, slot, offsets);
 #pragma unroll
-  for (int j = 0; j < Shape::kRowsPerThread; ++j) {
-    const int row = row_lane + j * Shape::kRowLanes;
-    if (row < tasks.num_sources) {
-      sources[row * Shape::kRowStride + column] =
-          Family::direction(values[j], column_state);
+    for (int j = 0; j < Shape::kRowsPerThread; ++j) {
+      const int row = row_lane + j * Shape::kRowLanes;
+      if (row < tasks.num_sources) {
+        sources[row * Shape::kRowStride + column] = values[j];
+      }
+    }
+  }
+  if constexpr (!Family::kDirectionIsValue) {
+    // The source values of this column were written by this thread, so they
+    // are read back without a barrier. Forming the directions from shared
+    // memory, a few at a time, keeps the registers of the loads above free.
+    const acc_t* source_values = sources_are_targets ? targets : sources;
+    const auto column_state =
+        Family::template load_column<acc_t>(table, slot, offsets);
+#pragma unroll 2
+    for (int j = 0; j < Shape::kRowsPerThread; ++j) {
+      const int row = row_lane + j * Shape::kRowLanes;
+      if (row < tasks.num_sources) {
+        const int index = row * Shape::kRowStride + column;
+        sources[index] = Family::direction(source_values[index], column_state);
+      }
     }
   }
 }
@@ -563,8 +567,8 @@ __global__ void __launch_bounds__(kThreads, 2) affinity_tiles_kernel(
     }
     const int64_t first_tile = slot == 0 ? 0 : table.tile_end[slot - 1];
     const int64_t column_begin = (tile - first_tile) * Shape::kColumns;
-    const int columns = static_cast<int>(std::min<int64_t>(
-        Shape::kColumns, table.numel[slot] - column_begin));
+    const int columns = static_cast<int>(
+        std::min<int64_t>(Shape::kColumns, table.numel[slot] - column_begin));
 
     __syncthreads();
     stage_tile<Family, kTasks, acc_t>(
@@ -701,8 +705,7 @@ struct Operand {
 };
 
 bool is_dense(
-    const std::vector<int64_t>& sizes,
-    const std::vector<int64_t>& strides) {
+    const std::vector<int64_t>& sizes, const std::vector<int64_t>& strides) {
   std::vector<std::pair<int64_t, int64_t>> by_stride;
   for (size_t d = 0; d < sizes.size(); ++d) {
     by_stride.emplace_back(strides[d], sizes[d]);
@@ -740,7 +743,8 @@ Parameter describe_parameter(
       if (tensor == nullptr || !tensor->defined()) {
         continue;
       }
-      const int64_t dim = static_cast<int64_t>(d) + (operands[p].stacked ? 1 : 0);
+      const int64_t dim =
+          static_cast<int64_t>(d) + (operands[p].stacked ? 1 : 0);
       strides[p].push_back(tensor->stride(dim));
     }
   }
@@ -784,8 +788,8 @@ Parameter describe_parameter(
       if (strides[p].empty()) {
         continue;
       }
-      mergeable = strides[p][d] ==
-          merged_strides[p].back() * merged_sizes.back();
+      mergeable =
+          strides[p][d] == merged_strides[p].back() * merged_sizes.back();
     }
     if (mergeable) {
       merged_sizes.back() *= sizes[d];
@@ -856,7 +860,8 @@ std::vector<Table> build_tables(
           table.task_stride[slot][stack] = parameter.task_stride[stack];
         }
         table.numel[slot] = parameter.numel;
-        const int64_t tiles = (parameter.numel + tile_columns - 1) / tile_columns;
+        const int64_t tiles =
+            (parameter.numel + tile_columns - 1) / tile_columns;
         table.tile_end[slot] =
             (slot == 0 ? 0 : table.tile_end[slot - 1]) + tiles;
         table.layout[slot] = -1;
@@ -934,7 +939,9 @@ void run_sweeps(
       acc_t* partial = partials.data_ptr<acc_t>();
       for (size_t i = 0; i < tables.size(); ++i) {
         kernel<<<static_cast<unsigned int>(grids[i]), kThreads, 0, stream>>>(
-            tables[i], tasks, tables[i].tile_end[tables[i].num_slots - 1],
+            tables[i],
+            tasks,
+            tables[i].tile_end[tables[i].num_slots - 1],
             partial);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         partial += grids[i] * kTasks * kTasks;
@@ -962,15 +969,26 @@ void run_sweeps(
 template <typename Family, typename AddExtra>
 at::Tensor run_family(
     const std::vector<Parameter>& parameters,
-    bool float64,
+    at::ScalarType accumulate_dtype,
     AddExtra add_extra,
     const at::Tensor& losses) {
+  TORCH_INTERNAL_ASSERT(
+      accumulate_dtype == at::kFloat || accumulate_dtype == at::kDouble);
+  const bool float64 = accumulate_dtype == at::kDouble;
   const c10::cuda::CUDAGuard device_guard(losses.device());
   const int64_t num_tasks = losses.size(0);
   const auto options =
       losses.options().dtype(float64 ? at::kDouble : at::kFloat);
   if (parameters.empty() || num_tasks == 0) {
     return at::zeros({num_tasks, num_tasks}, options);
+  }
+  for (const Parameter& parameter : parameters) {
+    for (size_t p = 0; p < parameter.data.size(); ++p) {
+      // A float32 accumulator compiles no float64 loads.
+      TORCH_INTERNAL_ASSERT(
+          float64 || parameter.data[p] == nullptr ||
+          parameter.dtype[p] != kFloat64);
+    }
   }
   at::Tensor affinity = at::empty({num_tasks, num_tasks}, options);
   auto with_tasks = [&](auto acc_marker) {
@@ -992,18 +1010,13 @@ at::Tensor run_family(
   return affinity;
 }
 
-bool any_float64(at::TensorList tensors) {
-  return std::any_of(tensors.begin(), tensors.end(), [](const at::Tensor& t) {
-    return t.defined() && t.scalar_type() == at::kDouble;
-  });
-}
-
-} // namespace
+}  // namespace
 
 at::Tensor launch_affinity(
     at::TensorList grads,
     at::TensorList updates,
-    const at::Tensor& losses) {
+    const at::Tensor& losses,
+    at::ScalarType accumulate_dtype) {
   std::vector<Parameter> parameters;
   for (size_t k = 0; k < grads.size(); ++k) {
     if (grads[k].numel() == 0) {
@@ -1015,11 +1028,9 @@ at::Tensor launch_affinity(
         grads[k].sizes().slice(1),
         {{&grads[k], true}, {&updates[k], true}}));
   }
-  const bool float64 = any_float64(grads) || any_float64(updates) ||
-      losses.scalar_type() == at::kDouble;
   return run_family<GenericFamily>(
       parameters,
-      float64,
+      accumulate_dtype,
       [](GenericTable&, int, const Parameter&) { return true; },
       losses);
 }
@@ -1028,7 +1039,8 @@ at::Tensor launch_affinity_sgd(
     at::TensorList grads,
     at::ArrayRef<double> scales,
     at::TensorList offsets,
-    const at::Tensor& losses) {
+    const at::Tensor& losses,
+    at::ScalarType accumulate_dtype) {
   std::vector<Parameter> parameters;
   for (size_t k = 0; k < grads.size(); ++k) {
     if (grads[k].numel() == 0) {
@@ -1040,11 +1052,9 @@ at::Tensor launch_affinity_sgd(
         grads[k].sizes().slice(1),
         {{&grads[k], true}, {&offsets[k], false}}));
   }
-  const bool float64 = any_float64(grads) || any_float64(offsets) ||
-      losses.scalar_type() == at::kDouble;
   return run_family<SgdFamily>(
       parameters,
-      float64,
+      accumulate_dtype,
       [scales](SgdTable& table, int slot, const Parameter& parameter) {
         table.scale[slot] = scales[parameter.index];
         return true;
@@ -1059,7 +1069,8 @@ at::Tensor launch_affinity_adam(
     at::TensorList exp_avg_sqs,
     at::TensorList max_exp_avg_sqs,
     at::ArrayRef<AdamHyperparameters> hyperparameters,
-    const at::Tensor& losses) {
+    const at::Tensor& losses,
+    at::ScalarType accumulate_dtype) {
   const at::Tensor none;
   std::vector<Parameter> parameters;
   for (size_t k = 0; k < grads.size(); ++k) {
@@ -1078,60 +1089,49 @@ at::Tensor launch_affinity_adam(
          {&exp_avg_sqs[k], false},
          {&max_exp_avg_sq, false}}));
   }
-  bool float64 = any_float64(grads) || any_float64(params) ||
-      any_float64(exp_avgs) || any_float64(exp_avg_sqs) ||
-      losses.scalar_type() == at::kDouble;
-  for (size_t k = 0; k < grads.size(); ++k) {
-    float64 = float64 ||
-        (hyperparameters[k].amsgrad && max_exp_avg_sqs[k].defined() &&
-         max_exp_avg_sqs[k].scalar_type() == at::kDouble);
-  }
-
-  auto add_group =
-      [hyperparameters](
-          AdamTable& table, int slot, const Parameter& parameter) {
-        const AdamHyperparameters& h = hyperparameters[parameter.index];
-        AdamGroup group{};
-        group.beta1 = h.beta1;
-        group.beta2 = h.beta2;
-        group.eps = h.eps;
-        group.weight_decay = h.weight_decay;
-        // The optimizer's bias corrections after the step: count step + 1.
-        group.inv_bias_correction1 =
-            1.0 / (1.0 - std::pow(h.beta1, h.step + 1.0));
-        group.inv_sqrt_bias_correction2 =
-            1.0 / std::sqrt(1.0 - std::pow(h.beta2, h.step + 1.0));
-        group.decoupled = h.decoupled;
-        group.amsgrad = h.amsgrad;
-        group.maximize = h.maximize;
-        auto same = [&group](const AdamGroup& other) {
-          return other.beta1 == group.beta1 && other.beta2 == group.beta2 &&
-              other.eps == group.eps &&
-              other.weight_decay == group.weight_decay &&
-              other.inv_bias_correction1 == group.inv_bias_correction1 &&
-              other.inv_sqrt_bias_correction2 ==
-              group.inv_sqrt_bias_correction2 &&
-              other.decoupled == group.decoupled &&
-              other.amsgrad == group.amsgrad &&
-              other.maximize == group.maximize;
-        };
-        int found = -1;
-        for (int g = 0; g < table.num_groups && found < 0; ++g) {
-          if (same(table.groups[g])) {
-            found = g;
-          }
-        }
-        if (found < 0) {
-          if (table.num_groups == kMaxAdamGroups) {
-            return false;
-          }
-          found = table.num_groups++;
-          table.groups[found] = group;
-        }
-        table.group[slot] = static_cast<uint8_t>(found);
-        return true;
-      };
-  return run_family<AdamFamily>(parameters, float64, add_group, losses);
+  auto add_group = [hyperparameters](
+                       AdamTable& table, int slot, const Parameter& parameter) {
+    const AdamHyperparameters& h = hyperparameters[parameter.index];
+    AdamGroup group{};
+    group.beta1 = h.beta1;
+    group.beta2 = h.beta2;
+    group.eps = h.eps;
+    group.weight_decay = h.weight_decay;
+    // The optimizer's bias corrections after the step: count step + 1.
+    group.inv_bias_correction1 = 1.0 / (1.0 - std::pow(h.beta1, h.step + 1.0));
+    group.inv_sqrt_bias_correction2 =
+        1.0 / std::sqrt(1.0 - std::pow(h.beta2, h.step + 1.0));
+    group.decoupled = h.decoupled;
+    group.amsgrad = h.amsgrad;
+    group.maximize = h.maximize;
+    auto same = [&group](const AdamGroup& other) {
+      return other.beta1 == group.beta1 && other.beta2 == group.beta2 &&
+             other.eps == group.eps &&
+             other.weight_decay == group.weight_decay &&
+             other.inv_bias_correction1 == group.inv_bias_correction1 &&
+             other.inv_sqrt_bias_correction2 ==
+                 group.inv_sqrt_bias_correction2 &&
+             other.decoupled == group.decoupled &&
+             other.amsgrad == group.amsgrad && other.maximize == group.maximize;
+    };
+    int found = -1;
+    for (int g = 0; g < table.num_groups && found < 0; ++g) {
+      if (same(table.groups[g])) {
+        found = g;
+      }
+    }
+    if (found < 0) {
+      if (table.num_groups == kMaxAdamGroups) {
+        return false;
+      }
+      found = table.num_groups++;
+      table.groups[found] = group;
+    }
+    table.group[slot] = static_cast<uint8_t>(found);
+    return true;
+  };
+  return run_family<AdamFamily>(
+      parameters, accumulate_dtype, add_group, losses);
 }
 
-} // namespace etap::cuda
+}  // namespace etap::cuda

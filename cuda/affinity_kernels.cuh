@@ -5,8 +5,9 @@
 // inputs that csrc/affinity.h has already validated: one CUDA device, `T`
 // rows in every stack, matching shapes, floating dtypes, `losses` of shape
 // [T]. Each returns the affinity A of shape [T, T] on that device,
-// A[s, t] = sum_k <grads[k][t], d_k[s]> / losses[t], in float32 or, when any
-// input is float64, in float64.
+// A[s, t] = sum_k <grads[k][t], d_k[s]> / losses[t] (zero in every column
+// whose loss is not finite or not positive), accumulated in and returned as
+// `accumulate_dtype`: float32, or float64 when any input is float64.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -30,7 +31,8 @@ struct AdamHyperparameters {
 at::Tensor launch_affinity(
     at::TensorList grads,
     at::TensorList updates,
-    const at::Tensor& losses);
+    const at::Tensor& losses,
+    at::ScalarType accumulate_dtype);
 
 // The SGD family: d_k[s] = scales[k] * grads[k][s] + offsets[k]; an
 // undefined offset is zero.
@@ -38,7 +40,8 @@ at::Tensor launch_affinity_sgd(
     at::TensorList grads,
     at::ArrayRef<double> scales,
     at::TensorList offsets,
-    const at::Tensor& losses);
+    const at::Tensor& losses,
+    at::ScalarType accumulate_dtype);
 
 // The Adam family: every element of d_k[s] is formed from grads[k][s],
 // params[k], the moments before the step and hyperparameters[k]
@@ -51,6 +54,7 @@ at::Tensor launch_affinity_adam(
     at::TensorList exp_avg_sqs,
     at::TensorList max_exp_avg_sqs,
     at::ArrayRef<AdamHyperparameters> hyperparameters,
-    const at::Tensor& losses);
+    const at::Tensor& losses,
+    at::ScalarType accumulate_dtype);
 
-} // namespace etap::cuda
+}  // namespace etap::cuda
