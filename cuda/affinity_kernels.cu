@@ -265,6 +265,13 @@ struct GenericFamily {
   static constexpr bool kDirectionIsValue = true;
 };
 
+// A[s, t] = sum_k scale_k <g_s, g_t> + <offset_k, g_t>: the scaled Gram of
+// the gradients plus their projections on the offsets, accumulated in one
+// pass as <scale_k g_s + offset_k, g_t>, with the direction formed per tile
+// in shared memory only.
+// TODO(sgd-symmetry): the Gram part is symmetric; accumulating only the pair
+// tiles with s <= t plus the projections would halve the multiply-adds, which
+// matters at T = 32 where the sweep is no longer bound by memory.
 struct SgdFamily {
   using Table = SgdTable;
   static constexpr int kSourcePointer = 0;
@@ -398,6 +405,9 @@ struct AdamFamily {
 // ---------------------------------------------------------------------------
 // The tile kernel (Note [Affinity tiles]).
 
+// TODO(affinity-small-t): with T <= 4 a staging thread has at most four
+// loads in flight per tile; staging two tiles per pass would keep more
+// memory requests open and bring small T closer to the copy bandwidth.
 template <int kTasks, typename acc_t>
 struct TileShape {
   // About 16 KiB of staged values per side.
@@ -757,6 +767,8 @@ Parameter describe_parameter(
     parameter.data[p] = tensor->data_ptr();
     parameter.dtype[p] = dtype_tag(tensor->scalar_type());
     if (operands[p].stacked) {
+      // Stacks come first among the operands: stack index = operand index.
+      TORCH_INTERNAL_ASSERT(p < parameter.task_stride.size());
       parameter.task_stride[p] = tensor->stride(0);
     }
   }
