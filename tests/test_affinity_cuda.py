@@ -280,11 +280,12 @@ def test_lists_longer_than_one_table() -> None:
     grads, grads_gpu, updates = [], [], []
     for k in range(MORE_THAN_ONE_TABLE):
         size = 1 + (k * 37) % 300
-        base = torch.randn(num_tasks, size + 2, generator=generator, dtype=torch.float64)
-        # Every third tensor is a slice, so the general layouts overflow a table too.
-        first = 1 if k % 3 == 0 else 0
-        grads.append(base[:, first : first + size])
-        grads_gpu.append(base.cuda()[:, first : first + size])
+        # Every third tensor takes every other element, so the general strided layouts
+        # overflow a table too; the others are dense slices of a wider stack.
+        step = 2 if k % 3 == 0 else 1
+        base = torch.randn(num_tasks, step * size + 1, generator=generator, dtype=torch.float64)
+        grads.append(base[:, 1::step])
+        grads_gpu.append(base.cuda()[:, 1::step])
         updates.append(torch.randn(num_tasks, size, generator=generator, dtype=torch.float64))
     losses = torch.rand(num_tasks, generator=generator, dtype=torch.float64) + 0.5
     scales = [0.1 * (k % 7) for k in range(MORE_THAN_ONE_TABLE)]
