@@ -138,7 +138,7 @@ def test_generic_matches_float64_reference(num_tasks: int, dtype: torch.dtype) -
     # Strides that differ from the gradients' take the general strided path.
     updates_gpu[0] = updates_gpu[0].contiguous()
     updates_gpu[1] = updates_gpu[1].contiguous()
-    losses = torch.rand(num_tasks, generator=generator, dtype=torch.float64) + 0.5
+    losses = torch.rand(num_tasks, generator=generator) + 0.5
 
     result = torch.ops.etap.affinity(grads_gpu, updates_gpu, losses.cuda())
 
