@@ -405,9 +405,11 @@ struct AdamFamily {
 // ---------------------------------------------------------------------------
 // The tile kernel (Note [Affinity tiles]).
 
-// TODO(affinity-small-t): with T <= 4 a staging thread has at most four
-// loads in flight per tile; staging two tiles per pass would keep more
-// memory requests open and bring small T closer to the copy bandwidth.
+// TODO(affinity-small-t): a staging thread has one load in flight per task
+// row, so when T is well below the padded kTasks (T <= 4, or T = 9..12) few
+// memory requests are open per thread and the sweep may fall short of the
+// copy bandwidth. Staging several columns per thread in that case would fix
+// it; it needs measuring on a GPU first.
 template <int kTasks, typename acc_t>
 struct TileShape {
   // About 16 KiB of staged values per side.
