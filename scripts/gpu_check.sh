@@ -6,6 +6,10 @@
 #
 #   bash scripts/gpu_check.sh [python]      (default: $PYTHON, else python3)
 #
+# GPU_CHECK_BENCH_ARGS adds arguments to benchmarks/affinity_op.py (e.g.
+# "--tasks 4 16 --params 64M"); GPU_CHECK_BUDGET sets the overall time limit
+# in seconds (default 470).
+#
 # It installs nothing: the machine may be offline. What is missing (nvcc,
 # pytest, Eigen) is reported, and the steps that need it are marked so.
 # Eigen is looked up as setup.py does (EIGEN_INCLUDE_DIR, the cmeel-eigen
@@ -143,7 +147,10 @@ fi
 
 # ---- Benchmarks ------------------------------------------------------------
 if [ -f benchmarks/affinity_op.py ]; then
-  run_step bench_affinity_op 180 "$PY" benchmarks/affinity_op.py --device cuda || status=1
+  # The largest cases come last, so a run cut by the time limit keeps the rest.
+  # shellcheck disable=SC2086
+  run_step bench_affinity_op 210 "$PY" benchmarks/affinity_op.py --device cuda \
+    ${GPU_CHECK_BENCH_ARGS:-} || status=1
 else
   record bench_affinity_op SKIPPED 0 "benchmarks/affinity_op.py not present"
 fi
