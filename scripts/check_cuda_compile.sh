@@ -47,7 +47,12 @@ PYEOF
 fi
 
 cuda_home=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-includes=(-I"$include_root" -I"$include_root/torch/csrc/api/include" -Icsrc -Icuda -I"$cuda_home/include")
+# The CUDA headers for the host compiler: where nvcc itself looks (it may be a
+# wrapper script outside the toolkit), then next to nvcc.
+read -r -a nvcc_includes <<<"$(nvcc --dryrun -E -x cu /dev/null 2>&1 |
+  sed -n 's/^#\$ INCLUDES="\(.*\)".*/\1/p' | head -n 1 | tr -d '"')"
+includes=(-I"$include_root" -I"$include_root/torch/csrc/api/include" -Icsrc -Icuda
+  "${nvcc_includes[@]}" -I"$cuda_home/include")
 eigen=$("$PY" -c "import sysconfig,os;print(os.path.join(sysconfig.get_paths()['purelib'],'cmeel.prefix','include','eigen3'))")
 status=0
 count=0
