@@ -22,6 +22,7 @@ the next). Candidate ``N + t`` is task ``t`` alone, so real groups win ties agai
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -174,6 +175,14 @@ def select_groups(
     chosen_mask, serving, served_gain, objective, exact = torch.ops.etap.select_groups(
         groups.cpu(), gains.cpu(), max_groups, mode, allow_singletons, method
     )
+    if method == "auto" and not bool(exact):
+        warnings.warn(
+            f"The instance ({num_tasks} tasks, {groups.shape[0]} candidates, max_groups "
+            f"{max_groups}) is beyond the exact searches; the choice comes from the heuristic "
+            "and may not be optimal (SelectionResult.exact is False).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     chosen = torch.nonzero(chosen_mask).flatten().tolist()
     membership = _membership_of(chosen, groups.cpu().bool())
     position = {candidate: i for i, candidate in enumerate(chosen)}
