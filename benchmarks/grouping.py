@@ -12,7 +12,6 @@ before anything is timed. The heuristic's gap to the exact optimum is reported b
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import time
 
@@ -58,26 +57,29 @@ def _candidate_table(groups: torch.Tensor, gains: torch.Tensor) -> tuple[np.ndar
 
 
 def exhaustive_cover(groups, gains, max_groups, deadline):
-    """Every selection of at most ``max_groups`` candidates; the last one is vectorised."""
+    """Every selection of at most ``max_groups`` candidates; the last pick is vectorised."""
     table = _candidate_table(groups, gains)[1]
-    count = len(table)
-    best_value, best = -np.inf, None
+    count, num_tasks = table.shape
     prefixes_total = sum(math.comb(count, k - 1) for k in range(1, max_groups + 1))
-    done = 0
-    for size in range(1, max_groups + 1):
-        for prefix in itertools.combinations(range(count), size - 1):
-            done += 1
-            if done % 256 == 0 and time.perf_counter() > deadline:
-                raise _OutOfTime(done / prefixes_total)
-            start = prefix[-1] + 1 if prefix else 0
-            if start >= count:
-                continue
-            base = table[list(prefix)].max(axis=0) if prefix else np.full(table.shape[1], _ABSENT)
-            totals = np.maximum(base, table[start:]).sum(axis=1)
+    state = {"value": -math.inf, "chosen": None, "prefixes": 0}
+
+    def extend(start: int, served: np.ndarray, prefix: list[int]) -> None:
+        state["prefixes"] += 1
+        if state["prefixes"] % 256 == 0 and time.perf_counter() > deadline:
+            raise _OutOfTime(state["prefixes"] / prefixes_total)
+        if start < count:
+            totals = np.maximum(served, table[start:]).sum(axis=1)
             last = int(np.argmax(totals))
-            if totals[last] > max(best_value, _ABSENT / 2):
-                best_value, best = totals[last], [*prefix, start + last]
-    return best, best_value / table.shape[1]
+            if totals[last] > max(state["value"], _ABSENT / 2):
+                state["value"], state["chosen"] = float(totals[last]), [*prefix, start + last]
+        if len(prefix) + 1 < max_groups:
+            for j in range(start, count):
+                prefix.append(j)
+                extend(j + 1, np.maximum(served, table[j]), prefix)
+                prefix.pop()
+
+    extend(0, np.full(num_tasks, _ABSENT), [])
+    return state["chosen"], state["value"] / num_tasks
 
 
 def exhaustive_partition(groups, gains, max_groups, deadline):

@@ -370,11 +370,12 @@ CoverQuality quality_with(
   return quality;
 }
 
-// Greedy additions, then best-improvement moves (drop, add, or swap one
-// group) until none improves coverage or value.
+// Greedy additions to `chosen`, then best-improvement moves (drop, add, or
+// swap one group) until none improves coverage or value.
 std::vector<int> cover_local_search(
-    const Problem& problem, const std::vector<int>& pool) {
-  std::vector<int> chosen;
+    const Problem& problem,
+    const std::vector<int>& pool,
+    std::vector<int> chosen) {
   CoverQuality current = quality_of(served_by(problem, chosen, -1));
   while (static_cast<int>(chosen.size()) < problem.max_groups) {
     const std::vector<Score> served = served_by(problem, chosen, -1);
@@ -591,6 +592,9 @@ class ServedSetSearch {
 //    improvements.
 // Both stay valid for negative gains since they never assume a served score
 // is at least zero.
+// TODO(cover-bound): on dense candidate sets (every group of 10+ tasks) these
+// bounds prune too little for B >= 4; the subset programme covers T <= 20, and
+// a tighter bound would extend exact answers past it.
 class CoverBranchAndBound {
  public:
   CoverBranchAndBound(const Problem& problem, std::vector<int> order)
@@ -924,11 +928,15 @@ Selection select_groups(
     const bool heuristic = method == SearchMethod::kHeuristic;
     selection.method = heuristic ? "heuristic" : "branch_and_bound";
     if (mode == SelectionMode::kCover) {
-      std::vector<int> start = cover_local_search(problem, pool);
-      const std::vector<int> moved =
-          ServedSetSearch(problem, pool).improve(start);
-      if (quality_of(served_by(problem, moved, -1))
-              .better_than(quality_of(served_by(problem, start, -1)))) {
+      // Group swaps and served-set moves take turns until neither helps.
+      std::vector<int> start = cover_local_search(problem, pool, {});
+      for (int round = 0; round < 100 && !start.empty(); ++round) {
+        const std::vector<int> moved = cover_local_search(
+            problem, pool, ServedSetSearch(problem, pool).improve(start));
+        if (!quality_of(served_by(problem, moved, -1))
+                 .better_than(quality_of(served_by(problem, start, -1)))) {
+          break;
+        }
         start = moved;
       }
       if (heuristic) {
