@@ -32,6 +32,8 @@ constexpr double kMaxBranchAndBoundSelections = 5e7;
 constexpr double kMaxDpBytes = 1024.0 * 1024.0 * 1024.0;
 // Dominance tests are quadratic in the number of candidates.
 constexpr int kMaxDominanceCandidates = 4096;
+// Random restarts of the cover heuristic's served-set search.
+constexpr int kHeuristicRestarts = 8;
 // Nodes the heuristic's partition search may visit.
 constexpr int64_t kHeuristicNodes = 2000000;
 
@@ -454,10 +456,18 @@ class ServedSetSearch {
     if (start.empty()) {
       return start;
     }
-    std::vector<uint64_t> blocks = blocks_of(start);
+    return improve_blocks(blocks_of(start));
+  }
+
+  // Starts from the given blocks (non-empty, at most B); returns no groups
+  // when some block lies in no candidate.
+  std::vector<int> improve_blocks(std::vector<uint64_t> blocks) {
     std::vector<Best> best(blocks.size());
     for (size_t i = 0; i < blocks.size(); ++i) {
       best[i] = best_for(blocks[i]);
+      if (best[i].candidate < 0) {
+        return {};
+      }
     }
     for (int round = 0; round < 10000; ++round) {
       Score best_change = 0;
@@ -938,6 +948,29 @@ Selection select_groups(
           break;
         }
         start = moved;
+      }
+      // Restarts from fixed pseudo-random splits of the tasks into B blocks.
+      uint64_t state = 0x9e3779b97f4a7c15ULL;
+      for (int restart = 0; restart < kHeuristicRestarts; ++restart) {
+        std::vector<uint64_t> blocks(problem.max_groups, 0);
+        for (int t = 0; t < problem.num_tasks; ++t) {
+          state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+          blocks[(state >> 33) % problem.max_groups] |= uint64_t{1} << t;
+        }
+        blocks.erase(
+            std::remove(blocks.begin(), blocks.end(), uint64_t{0}),
+            blocks.end());
+        std::vector<int> moved =
+            ServedSetSearch(problem, pool).improve_blocks(blocks);
+        if (moved.empty()) {
+          continue;
+        }
+        moved = cover_local_search(problem, pool, moved);
+        if (start.empty() ||
+            quality_of(served_by(problem, moved, -1))
+                .better_than(quality_of(served_by(problem, start, -1)))) {
+          start = moved;
+        }
       }
       if (heuristic) {
         selection.chosen = start;
