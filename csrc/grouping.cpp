@@ -30,6 +30,9 @@ constexpr Score kUnserved = -(static_cast<Score>(1) << 126);
 constexpr double kMaxBranchAndBoundSelections = 5e7;
 // Memory the subset programme may take.
 constexpr double kMaxDpBytes = 1024.0 * 1024.0 * 1024.0;
+// Auto runs the subset programme only up to about this many inner steps
+// (minutes; T = 20 with every group and B = 3 is 6e9).
+constexpr double kMaxAutoDpWork = 2e10;
 // Dominance tests are quadratic in the number of candidates.
 constexpr int kMaxDominanceCandidates = 4096;
 // Random restarts of the cover heuristic's served-set search.
@@ -895,8 +898,10 @@ Selection select_groups(
   // than even the unpruned enumeration.
   std::vector<int> pool;
   if (method == SearchMethod::kAuto) {
+    const bool dp_in_time =
+        dp_fits(problem) && dp_work(problem) <= kMaxAutoDpWork;
     const bool dp_cheaper =
-        dp_fits(problem) &&
+        dp_in_time &&
         dp_work(problem) <=
             selections_at_most(problem.num_candidates, problem.max_groups);
     if (dp_cheaper) {
@@ -905,8 +910,8 @@ Selection select_groups(
       pool = undominated(problem);
       const double selections =
           selections_at_most(pool.size(), problem.max_groups);
-      if (dp_fits(problem) && (dp_work(problem) <= selections ||
-                               selections > kMaxBranchAndBoundSelections)) {
+      if (dp_in_time && (dp_work(problem) <= selections ||
+                         selections > kMaxBranchAndBoundSelections)) {
         method = SearchMethod::kSubsetDp;
       } else if (selections <= kMaxBranchAndBoundSelections) {
         method = SearchMethod::kBranchAndBound;

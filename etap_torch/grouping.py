@@ -136,10 +136,12 @@ def select_groups(
         true_gains: optional ``[N, T]`` ground-truth gains of the same candidates, to report the
             true objective of the choice.
         method: ``"auto"`` (exact when the instance fits: subset dynamic programming for
-            ``T <= 20`` within 1 GiB, else branch and bound when at most 5e7 selections exist,
-            else the heuristic), ``"subset_dp"``, ``"branch_and_bound"`` (always exact, may be
-            slow) or ``"heuristic"`` (local search for cover; a partition search with a node
-            budget, exact only if it finishes).
+            ``T <= 20`` within 1 GiB of tables and about 2e10 steps, ``B * 3^T / 2`` plus one
+            step per (candidate, subset of its members); else branch and bound when at most 5e7
+            selections exist; else the heuristic, with a ``RuntimeWarning``), ``"subset_dp"``,
+            ``"branch_and_bound"`` (always exact, may be slow) or ``"heuristic"`` (greedy start,
+            group swaps, served-set moves and restarts for cover; for partition a search with a
+            node budget, exact only if it finishes).
 
     Returns:
         A :class:`SelectionResult`.
