@@ -161,7 +161,8 @@ def test_heuristic_is_valid_and_never_above_the_optimum(mode):
         gaps.append(expected[1] - result.objective)
         if not result.exact:
             assert mode == "cover"
-    assert max(gaps) >= 0.0
+    # On instances this small the restarts reach the optimum nearly always.
+    assert sum(gap < 1e-12 for gap in gaps) >= 0.8 * len(gaps)
 
 
 def _abc():
