@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <unordered_map>
 
@@ -17,6 +18,8 @@ namespace grouping {
 namespace {
 
 // Fixed-point gain, Note [Selection objective and tie-break].
+// TODO(int128): __int128 is a GCC/Clang extension; an MSVC build needs a
+// two-word integer here.
 using Score = __int128;
 
 // Below every reachable sum: |score| < 2^119 and sums have at most 64 terms.
@@ -27,8 +30,13 @@ constexpr Score kUnserved = -(static_cast<Score>(1) << 126);
 constexpr double kMaxBranchAndBoundSelections = 5e7;
 // Memory the subset programme may take.
 constexpr double kMaxDpBytes = 1024.0 * 1024.0 * 1024.0;
+// Auto runs the subset programme only up to about this many inner steps
+// (minutes; T = 20 with every group and B = 3 is 6e9).
+constexpr double kMaxAutoDpWork = 2e10;
 // Dominance tests are quadratic in the number of candidates.
 constexpr int kMaxDominanceCandidates = 4096;
+// Random restarts of the cover heuristic's served-set search.
+constexpr int kHeuristicRestarts = 8;
 // Nodes the heuristic's partition search may visit.
 constexpr int64_t kHeuristicNodes = 2000000;
 
@@ -367,11 +375,12 @@ CoverQuality quality_with(
   return quality;
 }
 
-// Greedy additions, then best-improvement moves (drop, add, or swap one
-// group) until none improves coverage or value.
+// Greedy additions to `chosen`, then best-improvement moves (drop, add, or
+// swap one group) until none improves coverage or value.
 std::vector<int> cover_local_search(
-    const Problem& problem, const std::vector<int>& pool) {
-  std::vector<int> chosen;
+    const Problem& problem,
+    const std::vector<int>& pool,
+    std::vector<int> chosen) {
   CoverQuality current = quality_of(served_by(problem, chosen, -1));
   while (static_cast<int>(chosen.size()) < problem.max_groups) {
     const std::vector<Score> served = served_by(problem, chosen, -1);
@@ -435,6 +444,154 @@ std::vector<int> cover_local_search(
   return chosen;
 }
 
+// Local search over served sets (Note [Cover as a partition into served
+// sets]): the tasks are split into at most B blocks, each block is served by
+// the candidate containing it with the highest sum over the block, and a move
+// sends one task to another (or a new) block. Unlike group swaps, a move never
+// breaks coverage, so it escapes the optima where every swap would uncover a
+// task.
+class ServedSetSearch {
+ public:
+  ServedSetSearch(const Problem& problem, const std::vector<int>& pool)
+      : problem_(problem), pool_(pool) {}
+
+  std::vector<int> improve(const std::vector<int>& start) {
+    if (start.empty()) {
+      return start;
+    }
+    return improve_blocks(blocks_of(start));
+  }
+
+  // Starts from the given blocks (non-empty, at most B); returns no groups
+  // when some block lies in no candidate.
+  std::vector<int> improve_blocks(std::vector<uint64_t> blocks) {
+    std::vector<Best> best(blocks.size());
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      best[i] = best_for(blocks[i]);
+      if (best[i].candidate < 0) {
+        return {};
+      }
+    }
+    for (int round = 0; round < 10000; ++round) {
+      Score best_change = 0;
+      int best_task = -1;
+      size_t from_block = 0, to_block = 0;
+      Best from_best{}, to_best{};
+      for (size_t i = 0; i < blocks.size(); ++i) {
+        for (uint64_t rest = blocks[i]; rest; rest &= rest - 1) {
+          const int task = lowest_task(rest);
+          const uint64_t bit = uint64_t{1} << task;
+          const Best shrunk = best_for(blocks[i] & ~bit);
+          if (shrunk.candidate < 0) {
+            continue;
+          }
+          const bool can_open =
+              static_cast<int>(blocks.size()) < problem_.max_groups;
+          const size_t targets = blocks.size() + (can_open ? 1 : 0);
+          for (size_t j = 0; j < targets; ++j) {
+            if (j == i) {
+              continue;
+            }
+            const uint64_t grown = (j < blocks.size() ? blocks[j] : 0) | bit;
+            const Best joined = best_for(grown);
+            if (joined.candidate < 0) {
+              continue;
+            }
+            const Score before =
+                best[i].value + (j < blocks.size() ? best[j].value : 0);
+            const Score change = shrunk.value + joined.value - before;
+            if (change > best_change) {
+              best_change = change;
+              best_task = task;
+              from_block = i;
+              to_block = j;
+              from_best = shrunk;
+              to_best = joined;
+            }
+          }
+        }
+      }
+      if (best_task < 0) {
+        break;
+      }
+      const uint64_t bit = uint64_t{1} << best_task;
+      if (to_block == blocks.size()) {
+        blocks.push_back(0);
+        best.push_back(Best{});
+      }
+      blocks[from_block] &= ~bit;
+      blocks[to_block] |= bit;
+      best[from_block] = from_best;
+      best[to_block] = to_best;
+      if (blocks[from_block] == 0) {
+        blocks.erase(blocks.begin() + from_block);
+        best.erase(best.begin() + from_block);
+      }
+    }
+    std::vector<int> chosen;
+    for (const Best& block : best) {
+      if (std::find(chosen.begin(), chosen.end(), block.candidate) ==
+          chosen.end()) {
+        chosen.push_back(block.candidate);
+      }
+    }
+    return chosen;
+  }
+
+ private:
+  struct Best {
+    Score value = 0;
+    int candidate = -1;
+  };
+
+  // An empty block costs nothing and needs no group.
+  Best best_for(uint64_t block) const {
+    Best best;
+    if (block == 0) {
+      best.candidate = kNoGroupNeeded;
+      return best;
+    }
+    for (int c : pool_) {
+      if ((problem_.members[c] & block) != block) {
+        continue;
+      }
+      Score value = 0;
+      for (uint64_t rest = block; rest; rest &= rest - 1) {
+        value += problem_.score(c, lowest_task(rest));
+      }
+      if (best.candidate < 0 || value > best.value) {
+        best.value = value;
+        best.candidate = c;
+      }
+    }
+    return best;
+  }
+
+  // Each task goes to the chosen group serving it best.
+  std::vector<uint64_t> blocks_of(const std::vector<int>& chosen) const {
+    std::vector<uint64_t> blocks(chosen.size(), 0);
+    for (int t = 0; t < problem_.num_tasks; ++t) {
+      int holder = -1;
+      for (size_t i = 0; i < chosen.size(); ++i) {
+        if (((problem_.members[chosen[i]] >> t) & 1) &&
+            (holder < 0 || problem_.score(chosen[i], t) >
+                               problem_.score(chosen[holder], t))) {
+          holder = static_cast<int>(i);
+        }
+      }
+      blocks[holder] |= uint64_t{1} << t;
+    }
+    blocks.erase(
+        std::remove(blocks.begin(), blocks.end(), uint64_t{0}), blocks.end());
+    return blocks;
+  }
+
+  static constexpr int kNoGroupNeeded = std::numeric_limits<int>::max();
+
+  const Problem& problem_;
+  const std::vector<int>& pool_;
+};
+
 // ---- cover: branch and bound ---------------------------------------------
 
 // Enumerates selections as increasing sequences over `order` (candidates by
@@ -448,6 +605,9 @@ std::vector<int> cover_local_search(
 //    improvements.
 // Both stay valid for negative gains since they never assume a served score
 // is at least zero.
+// TODO(cover-bound): on dense candidate sets (every group of 10+ tasks) these
+// bounds prune too little for B >= 4; the subset programme covers T <= 20, and
+// a tighter bound would extend exact answers past it.
 class CoverBranchAndBound {
  public:
   CoverBranchAndBound(const Problem& problem, std::vector<int> order)
@@ -734,16 +894,30 @@ Selection select_groups(
   problem.members = candidates.members;
   problem.scores = quantize(candidates.gains);
 
+  // Dominance is quadratic; the programme is picked first when it is cheaper
+  // than even the unpruned enumeration.
+  std::vector<int> pool;
   if (method == SearchMethod::kAuto) {
-    const double pool = static_cast<double>(undominated(problem).size());
-    const double selections = selections_at_most(pool, problem.max_groups);
-    if (dp_fits(problem) && (dp_work(problem) <= selections ||
-                             selections > kMaxBranchAndBoundSelections)) {
+    const bool dp_in_time =
+        dp_fits(problem) && dp_work(problem) <= kMaxAutoDpWork;
+    const bool dp_cheaper =
+        dp_in_time &&
+        dp_work(problem) <=
+            selections_at_most(problem.num_candidates, problem.max_groups);
+    if (dp_cheaper) {
       method = SearchMethod::kSubsetDp;
-    } else if (selections <= kMaxBranchAndBoundSelections) {
-      method = SearchMethod::kBranchAndBound;
     } else {
-      method = SearchMethod::kHeuristic;
+      pool = undominated(problem);
+      const double selections =
+          selections_at_most(pool.size(), problem.max_groups);
+      if (dp_in_time && (dp_work(problem) <= selections ||
+                         selections > kMaxBranchAndBoundSelections)) {
+        method = SearchMethod::kSubsetDp;
+      } else if (selections <= kMaxBranchAndBoundSelections) {
+        method = SearchMethod::kBranchAndBound;
+      } else {
+        method = SearchMethod::kHeuristic;
+      }
     }
   }
 
@@ -762,11 +936,47 @@ Selection select_groups(
     selection.exact = true;
     selection.method = "subset_dp";
   } else {
-    const std::vector<int> pool = by_total_gain(problem, undominated(problem));
+    if (pool.empty()) {
+      pool = undominated(problem);
+    }
+    pool = by_total_gain(problem, std::move(pool));
     const bool heuristic = method == SearchMethod::kHeuristic;
     selection.method = heuristic ? "heuristic" : "branch_and_bound";
     if (mode == SelectionMode::kCover) {
-      const std::vector<int> start = cover_local_search(problem, pool);
+      // Group swaps and served-set moves take turns until neither helps.
+      std::vector<int> start = cover_local_search(problem, pool, {});
+      for (int round = 0; round < 100 && !start.empty(); ++round) {
+        const std::vector<int> moved = cover_local_search(
+            problem, pool, ServedSetSearch(problem, pool).improve(start));
+        if (!quality_of(served_by(problem, moved, -1))
+                 .better_than(quality_of(served_by(problem, start, -1)))) {
+          break;
+        }
+        start = moved;
+      }
+      // Restarts from fixed pseudo-random splits of the tasks into B blocks.
+      uint64_t state = 0x9e3779b97f4a7c15ULL;
+      for (int restart = 0; restart < kHeuristicRestarts; ++restart) {
+        std::vector<uint64_t> blocks(problem.max_groups, 0);
+        for (int t = 0; t < problem.num_tasks; ++t) {
+          state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+          blocks[(state >> 33) % problem.max_groups] |= uint64_t{1} << t;
+        }
+        blocks.erase(
+            std::remove(blocks.begin(), blocks.end(), uint64_t{0}),
+            blocks.end());
+        std::vector<int> moved =
+            ServedSetSearch(problem, pool).improve_blocks(blocks);
+        if (moved.empty()) {
+          continue;
+        }
+        moved = cover_local_search(problem, pool, moved);
+        if (start.empty() ||
+            quality_of(served_by(problem, moved, -1))
+                .better_than(quality_of(served_by(problem, start, -1)))) {
+          start = moved;
+        }
+      }
       if (heuristic) {
         selection.chosen = start;
         std::sort(selection.chosen.begin(), selection.chosen.end());

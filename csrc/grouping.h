@@ -46,14 +46,15 @@ namespace grouping {
 enum class SelectionMode { kCover, kPartition };
 
 enum class SearchMethod {
-  // The subset programme when it fits (T <= kMaxDpTasks and its memory),
-  // else branch and bound when the number of selections is small enough,
-  // else the heuristic.
+  // The subset programme when it fits (T <= kMaxDpTasks, its memory and a
+  // cap on its steps), else branch and bound when the number of selections is
+  // small enough, else the heuristic.
   kAuto,
   kSubsetDp,
   kBranchAndBound,
-  // Greedy start and local search (cover), then branch and bound with a
-  // budget of nodes; exact only when that search finishes.
+  // Cover: greedy start, group swaps, served-set moves and restarts (never
+  // exact). Partition: branch and bound with a node budget, exact only when
+  // it finishes.
   kHeuristic,
 };
 

@@ -22,6 +22,7 @@ the next). Candidate ``N + t`` is task ``t`` alone, so real groups win ties agai
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -135,10 +136,12 @@ def select_groups(
         true_gains: optional ``[N, T]`` ground-truth gains of the same candidates, to report the
             true objective of the choice.
         method: ``"auto"`` (exact when the instance fits: subset dynamic programming for
-            ``T <= 20`` within 1 GiB, else branch and bound when at most 5e7 selections exist,
-            else the heuristic), ``"subset_dp"``, ``"branch_and_bound"`` (always exact, may be
-            slow) or ``"heuristic"`` (local search for cover; a partition search with a node
-            budget, exact only if it finishes).
+            ``T <= 20`` within 1 GiB of tables and about 2e10 steps, ``B * 3^T / 2`` plus one
+            step per (candidate, subset of its members); else branch and bound when at most 5e7
+            selections exist; else the heuristic, with a ``RuntimeWarning``), ``"subset_dp"``,
+            ``"branch_and_bound"`` (always exact, may be slow) or ``"heuristic"`` (greedy start,
+            group swaps, served-set moves and restarts for cover; for partition a search with a
+            node budget, exact only if it finishes).
 
     Returns:
         A :class:`SelectionResult`.
@@ -174,6 +177,14 @@ def select_groups(
     chosen_mask, serving, served_gain, objective, exact = torch.ops.etap.select_groups(
         groups.cpu(), gains.cpu(), max_groups, mode, allow_singletons, method
     )
+    if method == "auto" and not bool(exact):
+        warnings.warn(
+            f"The instance ({num_tasks} tasks, {groups.shape[0]} candidates, max_groups "
+            f"{max_groups}) is beyond the exact searches; the choice comes from the heuristic "
+            "and may not be optimal (SelectionResult.exact is False).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     chosen = torch.nonzero(chosen_mask).flatten().tolist()
     membership = _membership_of(chosen, groups.cpu().bool())
     position = {candidate: i for i, candidate in enumerate(chosen)}

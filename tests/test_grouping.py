@@ -161,7 +161,8 @@ def test_heuristic_is_valid_and_never_above_the_optimum(mode):
         gaps.append(expected[1] - result.objective)
         if not result.exact:
             assert mode == "cover"
-    assert max(gaps) >= 0.0
+    # On instances this small the restarts reach the optimum nearly always.
+    assert sum(gap < 1e-12 for gap in gaps) >= 0.8 * len(gaps)
 
 
 def _abc():
@@ -251,6 +252,56 @@ def test_sixteen_tasks_every_group(mode):
     assert result.served_gain.tolist() == served.tolist()
     heuristic = select_groups(groups, gains, max_groups=3, mode=mode, method="heuristic")
     assert heuristic.objective <= result.objective + 1e-15
+
+
+def _sparse_instance(seed: int, num_tasks: int, num_rows: int):
+    generator = torch.Generator().manual_seed(seed)
+    groups = torch.rand((num_rows, num_tasks), generator=generator) < 0.3
+    groups[groups.sum(dim=1) < 2, :2] = True
+    groups[num_rows // 2 :] = ~groups[: num_rows - num_rows // 2]  # partitions exist
+    gains = torch.randn((num_rows, num_tasks), generator=generator, dtype=torch.float64)
+    return groups, (gains * 0.2 - 0.05) * groups
+
+
+@pytest.mark.parametrize("mode", ["cover", "partition"])
+def test_beyond_the_subset_programme_auto_stays_exact(mode):
+    groups, gains = _sparse_instance(11, 22, 24)
+    result = select_groups(groups, gains, max_groups=3, mode=mode)
+    expected = brute_force(groups, gains, 3, mode, True)
+    assert result.exact
+    assert (result.chosen, result.objective) == expected
+
+
+def _served(result: SelectionResult, groups: torch.Tensor, gains: torch.Tensor) -> list[float]:
+    num_rows = groups.shape[0]
+    rows = [gains[c] if c < num_rows else torch.zeros(groups.shape[1]) for c in result.chosen]
+    table = torch.stack(rows).double().masked_fill(~result.groups, float("-inf"))
+    return table.amax(dim=0).tolist()
+
+
+def test_sixty_four_tasks_use_the_top_bit():
+    generator = torch.Generator().manual_seed(12)
+    groups = torch.zeros((5, 64), dtype=torch.bool)
+    groups[0, :41] = True
+    groups[1, 30:] = True
+    groups[2, :32] = True
+    groups[3, 32:] = True
+    groups[4, [5, 63]] = True
+    gains = torch.randn((5, 64), generator=generator, dtype=torch.float64) * groups
+    for mode in ("cover", "partition"):
+        result = select_groups(groups, gains, max_groups=2, mode=mode, allow_singletons=False)
+        assert (result.chosen, result.objective) == brute_force(groups, gains, 2, mode, False)
+        assert result.served_gain.tolist() == _served(result, groups, gains)
+
+
+def test_large_instance_falls_back_to_the_heuristic_and_says_so():
+    groups, gains = _sparse_instance(13, 30, 3000)
+    with pytest.warns(RuntimeWarning, match="heuristic"):
+        result = select_groups(groups, gains, max_groups=4)
+    assert not result.exact
+    assert len(result.chosen) <= 4
+    assert result.served_gain.tolist() == _served(result, groups, gains)
+    assert result.objective == pytest.approx(result.served_gain.mean().item(), abs=1e-15)
 
 
 def test_max_groups_beyond_tasks_means_tasks():
