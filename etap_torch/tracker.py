@@ -431,6 +431,10 @@ class AffinityTracker:
         elif mode == "sharded":
             losses = self._average_losses(losses)
 
+        # The kernels accumulate in float64 only when an input is float64; the losses follow
+        # the gradients so float32 training keeps float32 kernels.
+        any_double = any(grad.dtype == torch.float64 for grad in grads)
+        losses = losses.to(grads[0].device, torch.float64 if any_double else torch.float32)
         valid_columns = torch.isfinite(losses)
         if self.normalize == "loss":
             valid_columns &= losses > 0
@@ -439,7 +443,7 @@ class AffinityTracker:
             numerator = self._score(grads, torch.ones_like(losses)).to(torch.float64)
             dist.all_reduce(numerator, group=self.process_group)
             safe = torch.where(valid_columns, op_losses, torch.ones_like(op_losses))
-            step_affinity = numerator / safe.to(numerator.device)[None, :]
+            step_affinity = numerator / safe.to(numerator)[None, :]
         else:
             step_affinity = self._score(grads, op_losses)
 
@@ -477,7 +481,6 @@ class AffinityTracker:
 
     def _score(self, grads: list[torch.Tensor], losses: torch.Tensor) -> torch.Tensor:
         """The step's [T, T] matrix through the fused operator of the optimizer family."""
-        losses = losses.to(grads[0].device)
         if self._family == "custom":
             directions = list(self.direction_fn(grads))
             return torch.ops.etap.affinity(grads, directions, losses)
