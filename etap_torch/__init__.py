@@ -5,7 +5,8 @@ The public names are re-exported here; see README.md for a tour.
 """
 
 from etap_torch._ext import built_with_cuda
+from etap_torch.lookahead import exact_lookahead
 from etap_torch.tracker import AffinityTracker
 
-__all__ = ["AffinityTracker", "built_with_cuda"]
+__all__ = ["AffinityTracker", "built_with_cuda", "exact_lookahead"]
 __version__ = "0.1.0"

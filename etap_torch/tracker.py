@@ -317,6 +317,8 @@ class AffinityTracker:
         pending = self._pending
         if pending is None or pending["scale"] is None or grad_scale is None:
             return
+        # TODO(scaler-sync): reading the scale waits for the device once per measured
+        # backward; comparing on the device and resolving at the step would avoid it.
         if float(grad_scale) != pending["scale"]:
             self._pending = None
             self.skipped_steps += 1
@@ -429,6 +431,8 @@ class AffinityTracker:
         if mode == "replicated":
             grads, losses = self._average_over_ranks(grads, losses)
         elif mode == "sharded":
+            # TODO(fsdp): tested with ranks that each pass a disjoint part of the parameters
+            # with global gradients; FullyShardedDataParallel's flat shards are not wired in.
             losses = self._average_losses(losses)
 
         # The kernels accumulate in float64 only when an input is float64; the losses follow
