@@ -81,6 +81,11 @@ class AffinityTracker:
             backward per task (`False`), or try batched and fall back for good on the
             first failure (`None`).
 
+    Cost of a measured step: one backward per task through the graph of the shared
+    parameters (or one batched backward), the fused score, and `T` copies of the shared
+    parameters' gradients held until the optimizer step. Steps that are not measured cost
+    nothing beyond `sum(losses).backward()`.
+
     Read-outs (on the CPU): `affinity` (float64 mean per entry over the valid measured
     steps; NaN where no step was valid), `stderr`, `counts` and `missing` (int64),
     `measured_steps`, `skipped_steps` (measured steps the scaler skipped).
