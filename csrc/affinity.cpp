@@ -6,13 +6,44 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <ostream>
 #include <string>
 
 namespace etap {
 namespace {
 
-std::string indexed(const char* list_name, size_t index) {
-  return c10::str(list_name, "[", index, "]");
+// An argument's name, "losses" or "grads[3]". Kept unformatted so that checks
+// that pass build no strings.
+struct ArgumentName {
+  const char* list;
+  int64_t index = -1;
+};
+
+std::ostream& operator<<(std::ostream& out, const ArgumentName& name) {
+  out << name.list;
+  if (name.index >= 0) {
+    out << "[" << name.index << "]";
+  }
+  return out;
+}
+
+ArgumentName indexed(const char* list_name, size_t index) {
+  return {list_name, static_cast<int64_t>(index)};
+}
+
+// Where an expected shape comes from: grads[param], with or without its task
+// dimension.
+struct ShapeSource {
+  size_t param;
+  bool without_task_dimension;
+};
+
+std::ostream& operator<<(std::ostream& out, const ShapeSource& source) {
+  out << "the shape of `grads[" << source.param << "]`";
+  if (source.without_task_dimension) {
+    out << " without its task dimension";
+  }
+  return out;
 }
 
 // Collects the facts every op checks in the same way: T from `losses`, one
@@ -27,8 +58,8 @@ class ArgumentChecker {
         ": Parameter `losses` should be a tensor of shape [T]. Found an "
         "undefined tensor.");
     device_ = losses.device();
-    check_build_has_device(losses, "losses");
-    check_floating(losses, "losses");
+    check_build_has_device(losses, ArgumentName{"losses"});
+    check_floating(losses, ArgumentName{"losses"});
     TORCH_CHECK(
         losses.dim() == 1,
         op_name_,
@@ -49,7 +80,7 @@ class ArgumentChecker {
         "` should be a non-empty list of per-task stacks [T, *shape]. Found "
         "an empty list.");
     for (const auto k : c10::irange(stacks.size())) {
-      const std::string name = indexed(list_name, k);
+      const ArgumentName name = indexed(list_name, k);
       check_tensor(stacks[k], name);
       TORCH_CHECK(
           stacks[k].dim() >= 1 && stacks[k].size(0) == num_tasks_,
@@ -80,9 +111,9 @@ class ArgumentChecker {
   // `tensor` must have the shape `expected`, named after `reference`.
   void check_shape(
       const at::Tensor& tensor,
-      const std::string& name,
+      const ArgumentName& name,
       at::IntArrayRef expected,
-      const std::string& reference) {
+      const ShapeSource& reference) {
     check_tensor(tensor, name);
     TORCH_CHECK(
         tensor.sizes() == expected,
@@ -114,6 +145,19 @@ class ArgumentChecker {
     }
   }
 
+  void check_finite(at::ArrayRef<double> values, const char* list_name) {
+    for (const auto k : c10::irange(values.size())) {
+      TORCH_CHECK(
+          std::isfinite(values[k]),
+          op_name_,
+          ": Parameter `",
+          indexed(list_name, k),
+          "` should be a finite number. Found ",
+          values[k],
+          ".");
+    }
+  }
+
   void check_beta(at::ArrayRef<double> values, const char* list_name) {
     for (const auto k : c10::irange(values.size())) {
       TORCH_CHECK(
@@ -138,7 +182,7 @@ class ArgumentChecker {
 
  private:
   void check_build_has_device(
-      const at::Tensor& tensor, const std::string& name) const {
+      const at::Tensor& tensor, const ArgumentName& name) const {
 #ifndef ETAP_WITH_CUDA
     TORCH_CHECK(
         !tensor.is_cuda(),
@@ -152,7 +196,7 @@ class ArgumentChecker {
 #endif
   }
 
-  void check_floating(const at::Tensor& tensor, const std::string& name) {
+  void check_floating(const at::Tensor& tensor, const ArgumentName& name) {
     const auto dtype = tensor.scalar_type();
     TORCH_CHECK(
         dtype == at::kDouble || dtype == at::kFloat || dtype == at::kHalf ||
@@ -167,7 +211,7 @@ class ArgumentChecker {
     any_double_ = any_double_ || dtype == at::kDouble;
   }
 
-  void check_tensor(const at::Tensor& tensor, const std::string& name) {
+  void check_tensor(const at::Tensor& tensor, const ArgumentName& name) {
     TORCH_CHECK(
         tensor.defined(),
         op_name_,
@@ -194,8 +238,8 @@ class ArgumentChecker {
   bool any_double_ = false;
 };
 
-std::string parameter_shape_of(size_t k) {
-  return c10::str("the shape of `grads[", k, "]` without its task dimension");
+ShapeSource parameter_shape_of(size_t k) {
+  return {k, true};
 }
 
 }  // namespace
@@ -210,7 +254,7 @@ AffinityPlan check_affinity_args(
         updates[k],
         indexed("updates", k),
         grads[k].sizes(),
-        c10::str("the shape of `grads[", k, "]`"));
+        ShapeSource{k, false});
   }
   return checker.plan();
 }
@@ -224,7 +268,7 @@ AffinityPlan check_affinity_sgd_args(
   checker.check_stacks(grads, "grads");
   checker.check_length(scales.size(), grads.size(), "scales");
   checker.check_length(offsets.size(), grads.size(), "offsets");
-  checker.check_finite_at_least(scales, "scales", -INFINITY);
+  checker.check_finite(scales, "scales");
   for (const auto k : c10::irange(grads.size())) {
     const std::optional<at::Tensor> offset = offsets[k];
     if (offset.has_value() && offset->defined()) {
@@ -276,7 +320,7 @@ AffinityPlan check_affinity_adam_args(
 
   for (const auto k : c10::irange(count)) {
     const auto shape = grads[k].sizes().slice(1);
-    const std::string reference = parameter_shape_of(k);
+    const ShapeSource reference = parameter_shape_of(k);
     checker.check_shape(params[k], indexed("params", k), shape, reference);
     const std::optional<at::Tensor> exp_avg = exp_avgs[k];
     if (exp_avg.has_value() && exp_avg->defined()) {

@@ -271,24 +271,32 @@ void load_rows(
 typedef float FloatLanes __attribute__((vector_size(kLanes * sizeof(float))));
 typedef double DoubleLanes
     __attribute__((vector_size(kLanes * sizeof(double))));
+// The same, read from any element address.
+typedef float UnalignedFloatLanes
+    __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+typedef double UnalignedDoubleLanes
+    __attribute__((vector_size(kLanes * sizeof(double)), aligned(8)));
 
 template <typename acc_t>
 struct LanesOf;
 template <>
 struct LanesOf<float> {
   using type = FloatLanes;
+  using unaligned = UnalignedFloatLanes;
   // Sources per tile: 4 x 2 accumulators fill half the AVX2 registers.
   static constexpr int kSourceTile = 4;
 };
 template <>
 struct LanesOf<double> {
   using type = DoubleLanes;
+  using unaligned = UnalignedDoubleLanes;
   static constexpr int kSourceTile = 2;
 };
 
-template <typename acc_t, typename lanes_t>
-ETAP_ALWAYS_INLINE void load_lanes(const acc_t* values, lanes_t& lanes) {
-  std::memcpy(&lanes, values, sizeof(lanes));
+template <typename acc_t>
+ETAP_ALWAYS_INLINE typename LanesOf<acc_t>::type load_lanes(
+    const acc_t* values) {
+  return *reinterpret_cast<const typename LanesOf<acc_t>::unaligned*>(values);
 }
 
 template <typename lanes_t>
@@ -326,12 +334,14 @@ ETAP_ALWAYS_INLINE void product_tile(
   const int64_t whole = length - length % kLanes;
   for (int64_t i = 0; i < whole; i += kLanes) {
     lanes_t source_lanes[kS];
+#pragma GCC unroll 4
     for (int s = 0; s < kS; ++s) {
-      load_lanes(source[s] + i, source_lanes[s]);
+      source_lanes[s] = load_lanes(source[s] + i);
     }
+#pragma GCC unroll 4
     for (int t = 0; t < kT; ++t) {
-      lanes_t target_lanes;
-      load_lanes(target[t] + i, target_lanes);
+      const lanes_t target_lanes = load_lanes(target[t] + i);
+#pragma GCC unroll 4
       for (int s = 0; s < kS; ++s) {
         lanes[s][t] += source_lanes[s] * target_lanes;
       }
@@ -354,9 +364,10 @@ ETAP_ALWAYS_INLINE void product_row_of_tiles(
     const acc_t* const* sources,
     const acc_t* const* targets,
     int64_t num_targets,
+    int64_t first_target,
     int64_t length,
     acc_t* sums) {
-  int64_t t = 0;
+  int64_t t = first_target;
   for (; t + kTargetTile <= num_targets; t += kTargetTile) {
     product_tile<kS, kTargetTile>(
         sources, targets + t, length, sums + t, num_targets);
@@ -373,19 +384,28 @@ ETAP_ALWAYS_INLINE void product_remaining_rows(
     int64_t num_sources,
     const acc_t* const* targets,
     int64_t num_targets,
+    int64_t first_target,
     int64_t length,
     acc_t* sums) {
   if constexpr (kS > 1) {
     if (num_sources == kS - 1) {
-      product_row_of_tiles<kS - 1>(sources, targets, num_targets, length, sums);
+      product_row_of_tiles<kS - 1>(
+          sources, targets, num_targets, first_target, length, sums);
     } else {
       product_remaining_rows<kS - 1>(
-          sources, num_sources, targets, num_targets, length, sums);
+          sources,
+          num_sources,
+          targets,
+          num_targets,
+          first_target,
+          length,
+          sums);
     }
   }
 }
 
-// sums[s * num_targets + t] += <sources[s], targets[t]> for every pair.
+// sums[s * num_targets + t] += <sources[s], targets[t]> for every pair, or,
+// with upper_only, at least for every pair with t >= s.
 template <typename acc_t>
 ETAP_ALWAYS_INLINE void accumulate_products_impl(
     const acc_t* const* sources,
@@ -393,20 +413,54 @@ ETAP_ALWAYS_INLINE void accumulate_products_impl(
     const acc_t* const* targets,
     int64_t num_targets,
     int64_t length,
-    acc_t* sums) {
+    acc_t* sums,
+    bool upper_only = false) {
   constexpr int kSourceTile = LanesOf<acc_t>::kSourceTile;
+  static_assert(kSourceTile % kTargetTile == 0, "tiles meet on the diagonal");
   int64_t s = 0;
   for (; s + kSourceTile <= num_sources; s += kSourceTile) {
     product_row_of_tiles<kSourceTile>(
-        sources + s, targets, num_targets, length, sums + s * num_targets);
+        sources + s,
+        targets,
+        num_targets,
+        upper_only ? s : 0,
+        length,
+        sums + s * num_targets);
   }
   product_remaining_rows<kSourceTile>(
       sources + s,
       num_sources - s,
       targets,
       num_targets,
+      upper_only ? s : 0,
       length,
       sums + s * num_targets);
+}
+
+// sums[s * num_rows + t] = <rows[s], rows[t]>: the upper triangle is formed
+// and mirrored. The mirrored entries equal what forming them would give
+// (products commute, and every entry is summed in the same lane order).
+template <typename acc_t>
+ETAP_ALWAYS_INLINE void gram_impl(
+    const acc_t* const* rows, int64_t num_rows, int64_t length, acc_t* sums) {
+  std::fill(sums, sums + num_rows * num_rows, acc_t(0));
+  accumulate_products_impl(
+      rows, num_rows, rows, num_rows, length, sums, /*upper_only=*/true);
+  for (const auto s : c10::irange(num_rows)) {
+    for (const auto t : c10::irange(s)) {
+      sums[s * num_rows + t] = sums[t * num_rows + s];
+    }
+  }
+}
+
+ETAP_HOT_LOOP void gram(
+    const float* const* rows, int64_t num_rows, int64_t length, float* sums) {
+  gram_impl(rows, num_rows, length, sums);
+}
+
+ETAP_HOT_LOOP void gram(
+    const double* const* rows, int64_t num_rows, int64_t length, double* sums) {
+  gram_impl(rows, num_rows, length, sums);
 }
 
 ETAP_HOT_LOOP void accumulate_products(
@@ -492,9 +546,21 @@ at::Tensor reduce_chunks(
   return raw;
 }
 
+// raw[s, t] / losses[t], and zero where losses[t] is not finite or not
+// positive; `raw` is the float64 [T, T] sum, rewritten in place.
 at::Tensor finish(
-    const at::Tensor& raw, const at::Tensor& losses, const AffinityPlan& plan) {
-  return normalize_by_loss(raw, losses).to(plan.output_dtype);
+    at::Tensor raw, const at::Tensor& losses, const AffinityPlan& plan) {
+  const int64_t T = plan.num_tasks;
+  const at::Tensor target_loss = losses.to(at::kDouble).contiguous();
+  const double* loss = target_loss.const_data_ptr<double>();
+  double* affinity = raw.mutable_data_ptr<double>();
+  for (const auto t : c10::irange(T)) {
+    const bool usable = std::isfinite(loss[t]) && loss[t] > 0.0;
+    for (const auto s : c10::irange(T)) {
+      affinity[s * T + t] = usable ? affinity[s * T + t] / loss[t] : 0.0;
+    }
+  }
+  return raw.to(plan.output_dtype);
 }
 
 // ---- etap::affinity ------------------------------------------------------
@@ -575,7 +641,6 @@ at::Tensor affinity_sgd_raw(
                        acc_t* block_sum) {
     const auto& param_readers = readers[chunk.param];
     const bool has_offset = param_readers.size() == 2;
-    const int64_t num_sources = has_offset ? T + 1 : T;
     const acc_t** rows = scratch.rows.data();
     load_rows(
         param_readers[0],
@@ -594,9 +659,13 @@ at::Tensor affinity_sgd_raw(
           rows + T);
     }
 
+    // products[s * T + t] = <g_s, g_t>, then products[T * T + t] = <c, g_t>.
     acc_t* products = scratch.sums.data();
-    std::fill(products, products + num_sources * T, acc_t(0));
-    accumulate_products(rows, num_sources, rows, T, chunk.length, products);
+    gram(rows, T, chunk.length, products);
+    if (has_offset) {
+      std::fill(products + T * T, products + (T + 1) * T, acc_t(0));
+      accumulate_products(rows + T, 1, rows, T, chunk.length, products + T * T);
+    }
 
     const auto scale = static_cast<acc_t>(scales[chunk.param]);
     for (const auto s : c10::irange(T)) {
