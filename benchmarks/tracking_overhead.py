@@ -18,7 +18,7 @@ vendored in etap_torch/data/chemical), (b) a small convolutional trunk on 64x64 
 with 9 binary heads, (c) a small transformer trunk with 8 regression heads; (b) and (c)
 on synthetic data.
 
-    python benchmarks/tracking_overhead.py [--device cpu|cuda] [--rounds 5] [--threads 1]
+    PYTHONPATH=. python benchmarks/tracking_overhead.py [--device cuda] [--rounds 5]
 """
 
 from __future__ import annotations

@@ -81,6 +81,11 @@ class AffinityTracker:
             backward per task (`False`), or try batched and fall back for good on the
             first failure (`None`).
 
+    Cost of a measured step: one backward per task through the graph of the shared
+    parameters (or one batched backward), the fused score, and `T` copies of the shared
+    parameters' gradients held until the optimizer step. Steps that are not measured cost
+    nothing beyond `sum(losses).backward()`.
+
     Read-outs (on the CPU): `affinity` (float64 mean per entry over the valid measured
     steps; NaN where no step was valid), `stderr`, `counts` and `missing` (int64),
     `measured_steps`, `skipped_steps` (measured steps the scaler skipped).
@@ -317,6 +322,8 @@ class AffinityTracker:
         pending = self._pending
         if pending is None or pending["scale"] is None or grad_scale is None:
             return
+        # TODO(scaler-sync): reading the scale waits for the device once per measured
+        # backward; comparing on the device and resolving at the step would avoid it.
         if float(grad_scale) != pending["scale"]:
             self._pending = None
             self.skipped_steps += 1
@@ -429,8 +436,14 @@ class AffinityTracker:
         if mode == "replicated":
             grads, losses = self._average_over_ranks(grads, losses)
         elif mode == "sharded":
+            # TODO(fsdp): tested with ranks that each pass a disjoint part of the parameters
+            # with global gradients; FullyShardedDataParallel's flat shards are not wired in.
             losses = self._average_losses(losses)
 
+        # The kernels accumulate in float64 only when an input is float64; the losses follow
+        # the gradients so float32 training keeps float32 kernels.
+        any_double = any(grad.dtype == torch.float64 for grad in grads)
+        losses = losses.to(grads[0].device, torch.float64 if any_double else torch.float32)
         valid_columns = torch.isfinite(losses)
         if self.normalize == "loss":
             valid_columns &= losses > 0
@@ -439,7 +452,7 @@ class AffinityTracker:
             numerator = self._score(grads, torch.ones_like(losses)).to(torch.float64)
             dist.all_reduce(numerator, group=self.process_group)
             safe = torch.where(valid_columns, op_losses, torch.ones_like(op_losses))
-            step_affinity = numerator / safe.to(numerator.device)[None, :]
+            step_affinity = numerator / safe.to(numerator)[None, :]
         else:
             step_affinity = self._score(grads, op_losses)
 
@@ -477,7 +490,6 @@ class AffinityTracker:
 
     def _score(self, grads: list[torch.Tensor], losses: torch.Tensor) -> torch.Tensor:
         """The step's [T, T] matrix through the fused operator of the optimizer family."""
-        losses = losses.to(grads[0].device)
         if self._family == "custom":
             directions = list(self.direction_fn(grads))
             return torch.ops.etap.affinity(grads, directions, losses)
