@@ -341,15 +341,6 @@ AffinityPlan check_affinity_adam_args(
   return checker.plan();
 }
 
-at::Tensor normalize_by_loss(const at::Tensor& raw, const at::Tensor& losses) {
-  const at::Tensor target_loss = losses.to(raw.scalar_type());
-  const at::Tensor valid = at::isfinite(target_loss) & (target_loss > 0);
-  const at::Tensor safe_loss =
-      at::where(valid, target_loss, at::ones_like(target_loss));
-  const at::Tensor scaled = raw / safe_loss.unsqueeze(0);
-  return at::where(valid.unsqueeze(0).expand_as(raw), scaled, 0.0);
-}
-
 }  // namespace etap
 
 #ifndef ETAP_WITH_CUDA

@@ -1,10 +1,9 @@
-// Argument validation and shared finishing steps of the affinity operators.
+// Argument validation shared by every backend of the affinity operators.
 //
 // Every backend (csrc/cpu/, the CUDA launchers) calls the check that matches
 // its op before touching memory, so a bad input gets the same message on
-// every device. Nothing here reads tensor data except `normalize_by_loss`,
-// which uses ATen ops and runs on the tensors' own device; this header is
-// safe to include from CUDA sources.
+// every device. Nothing here reads tensor data, and this header is safe to
+// include from CUDA sources.
 #pragma once
 
 #include <ATen/core/List.h>
@@ -60,11 +59,5 @@ AffinityPlan check_affinity_adam_args(
     const c10::List<bool>& amsgrad,
     const c10::List<bool>& maximize,
     const at::Tensor& losses);
-
-// Turns raw inner products into affinities: raw[s, t] = sum_k <g_t, d_s>
-// ([T, T], accumulate dtype) becomes raw[s, t] / losses[t], and every column
-// whose loss is not finite or not positive becomes zero. Runs with ATen ops
-// on raw's device; returns a new tensor of raw's dtype.
-at::Tensor normalize_by_loss(const at::Tensor& raw, const at::Tensor& losses);
 
 }  // namespace etap

@@ -293,12 +293,6 @@ struct LanesOf<double> {
   static constexpr int kSourceTile = 2;
 };
 
-template <typename acc_t>
-ETAP_ALWAYS_INLINE typename LanesOf<acc_t>::type load_lanes(
-    const acc_t* values) {
-  return *reinterpret_cast<const typename LanesOf<acc_t>::unaligned*>(values);
-}
-
 template <typename lanes_t>
 ETAP_ALWAYS_INLINE auto sum_lanes(const lanes_t& lanes) {
   static_assert(kLanes == 8, "sum_lanes adds eight lanes");
@@ -316,6 +310,7 @@ ETAP_ALWAYS_INLINE void product_tile(
     acc_t* sums,
     int64_t sums_stride) {
   using lanes_t = typename LanesOf<acc_t>::type;
+  using unaligned_t = typename LanesOf<acc_t>::unaligned;
   const acc_t* source[kS];
   const acc_t* target[kT];
   for (int s = 0; s < kS; ++s) {
@@ -336,11 +331,12 @@ ETAP_ALWAYS_INLINE void product_tile(
     lanes_t source_lanes[kS];
 #pragma GCC unroll 4
     for (int s = 0; s < kS; ++s) {
-      source_lanes[s] = load_lanes(source[s] + i);
+      source_lanes[s] = *reinterpret_cast<const unaligned_t*>(source[s] + i);
     }
 #pragma GCC unroll 4
     for (int t = 0; t < kT; ++t) {
-      const lanes_t target_lanes = load_lanes(target[t] + i);
+      const lanes_t target_lanes =
+          *reinterpret_cast<const unaligned_t*>(target[t] + i);
 #pragma GCC unroll 4
       for (int s = 0; s < kS; ++s) {
         lanes[s][t] += source_lanes[s] * target_lanes;
