@@ -5,6 +5,7 @@ The public names are re-exported here; see README.md for a tour.
 """
 
 from etap_torch._ext import built_with_cuda
+from etap_torch.tracker import AffinityTracker
 
-__all__ = ["built_with_cuda"]
+__all__ = ["AffinityTracker", "built_with_cuda"]
 __version__ = "0.1.0"

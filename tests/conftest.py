@@ -1,0 +1,6 @@
+"""Shared test set-up."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
