@@ -5,7 +5,14 @@ The public names are re-exported here; see README.md for a tour.
 """
 
 from etap_torch._ext import built_with_cuda
+from etap_torch.gains import GainTable, collect_gains, gains_from_losses
 from etap_torch.tracker import AffinityTracker
 
-__all__ = ["AffinityTracker", "built_with_cuda"]
+__all__ = [
+    "AffinityTracker",
+    "GainTable",
+    "built_with_cuda",
+    "collect_gains",
+    "gains_from_losses",
+]
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ from etap_torch.trainers.batched import BatchedResult, train_groups
 from etap_torch.trainers.recipe import Recipe, all_groups, initial_parameters
 from etap_torch.trainers.recipes import CHEMICAL_RECIPE, ETTH1_RECIPE, load_dataset, recipe_for
 from etap_torch.trainers.single import GroupResult, SharedTrunkModel, build_model, train_group
+from etap_torch.trainers.tracked import train_all_with_affinity
 
 __all__ = [
     "CHEMICAL_RECIPE",
@@ -18,6 +19,7 @@ __all__ = [
     "initial_parameters",
     "load_dataset",
     "recipe_for",
+    "train_all_with_affinity",
     "train_group",
     "train_groups",
 ]

@@ -97,7 +97,9 @@ def train_group(
     seed: int,
     *,
     make_tracker: Callable[[list[nn.Parameter], torch.optim.Optimizer], Any] | None = None,
-    on_step: Callable[[SharedTrunkModel, list[torch.Tensor], torch.optim.Optimizer], None]
+    on_batch: Callable[
+        [SharedTrunkModel, Callable[[], list[torch.Tensor]], torch.optim.Optimizer], None
+    ]
     | None = None,
 ) -> GroupResult:
     """Train one group model and report each member's test loss.
@@ -116,9 +118,10 @@ def train_group(
         make_tracker: called once as ``make_tracker(shared_params, optimizer)``; the object it
             returns receives ``backward(per_task_losses)`` in place of the summed backward (an
             :class:`etap_torch.AffinityTracker` fits).
-        on_step: called before every optimizer step with the model, the per-member losses of
-            the step (still attached to the graph, gradients already computed) and the
-            optimizer.
+        on_batch: called at every step before its forward pass as
+            ``on_batch(model, compute_losses, optimizer)``; ``compute_losses()`` evaluates the
+            per-member losses of the step's minibatch at the current parameters (what
+            :func:`etap_torch.lookahead.exact_lookahead` needs).
 
     Returns:
         :class:`GroupResult`.
@@ -144,19 +147,26 @@ def train_group(
     for epoch in range(1, recipe.max_epochs + 1):
         model.train()
         for _ in range(recipe.steps_per_epoch):
-            step_losses = []
+            batch = []
             for head, (task, stream) in enumerate(zip(members, streams, strict=True)):
                 index = stream.next()
                 train = data[task].train
-                outputs = model(train.inputs[index], head)
-                step_losses.append(task_loss(outputs, train.targets[index], recipe.loss))
+                batch.append((head, train.inputs[index], train.targets[index]))
+
+            def compute_losses(batch: list = batch) -> list[torch.Tensor]:
+                return [
+                    task_loss(model(inputs, head), targets, recipe.loss)
+                    for head, inputs, targets in batch
+                ]
+
+            if on_batch is not None:
+                on_batch(model, compute_losses, optimizer)
+            step_losses = compute_losses()
             optimizer.zero_grad(set_to_none=True)
             if tracker is not None:
                 tracker.backward(step_losses)
             else:
                 torch.stack(step_losses).sum().backward()
-            if on_step is not None:
-                on_step(model, step_losses, optimizer)
             optimizer.step()
 
         model.eval()
