@@ -9,11 +9,11 @@ CHEMICAL_RECIPE = Recipe(
     trunk_dims=(180, 32, 16),
     head_dim=1,
     loss="bce",
-    learning_rate=2e-3,
-    batch_size=64,
-    steps_per_epoch=12,
+    learning_rate=3e-3,
+    batch_size=32,
+    steps_per_epoch=10,
     max_epochs=30,
-    patience=4,
+    patience=3,
 )
 
 ETTH1_RECIPE = Recipe(
@@ -21,10 +21,10 @@ ETTH1_RECIPE = Recipe(
     head_dim=24,
     loss="mse",
     learning_rate=3e-3,
-    batch_size=128,
-    steps_per_epoch=12,
-    max_epochs=20,
-    patience=4,
+    batch_size=64,
+    steps_per_epoch=10,
+    max_epochs=15,
+    patience=3,
 )
 
 
