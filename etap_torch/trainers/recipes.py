@@ -23,8 +23,8 @@ ETTH1_RECIPE = Recipe(
     learning_rate=3e-3,
     batch_size=64,
     steps_per_epoch=10,
-    max_epochs=15,
-    patience=3,
+    max_epochs=40,
+    patience=4,
 )
 
 
