@@ -66,6 +66,7 @@ class GroupResult:
         epochs: epochs trained.
         model: the trained model with the best parameters.
         tracker: the affinity tracker when one was requested, else None.
+        history: the summed validation loss after every epoch.
     """
 
     members: list[int]
