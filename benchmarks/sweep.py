@@ -38,7 +38,9 @@ def sweep_dataset(
     measured = measure_affinity(
         name, seed=0, every=1, lookahead_every=lookahead_every, max_epochs=None
     )
-    print(f"{name}: all-tasks training with tracker and lookahead {time.perf_counter() - started:.0f} s")
+    print(
+        f"{name}: all-tasks training with tracker and lookahead {time.perf_counter() - started:.0f} s"
+    )
 
     rows = []
     for count in labelled_counts:

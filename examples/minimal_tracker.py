@@ -26,7 +26,8 @@ for step in range(300):
     inputs = torch.randn(64, features)
     shared = trunk(inputs)
     losses = [
-        nn.functional.mse_loss(head(shared), torch.tanh(inputs @ w)) for head, w in zip(heads, task_weights)
+        nn.functional.mse_loss(head(shared), torch.tanh(inputs @ w))
+        for head, w in zip(heads, task_weights)
     ]
     optimizer.zero_grad()
     tracker.backward(losses)  # in place of sum(losses).backward()
