@@ -38,9 +38,8 @@ def sweep_dataset(
     measured = measure_affinity(
         name, seed=0, every=1, lookahead_every=lookahead_every, max_epochs=None
     )
-    print(
-        f"{name}: all-tasks training with tracker and lookahead {time.perf_counter() - started:.0f} s"
-    )
+    seconds = time.perf_counter() - started
+    print(f"{name}: all-tasks training with the tracker and the lookahead: {seconds:.0f} s")
 
     rows = []
     for count in labelled_counts:

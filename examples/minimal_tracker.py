@@ -22,13 +22,11 @@ heads = nn.ModuleList(nn.Linear(32, 1) for _ in range(num_tasks))
 optimizer = torch.optim.Adam([*trunk.parameters(), *heads.parameters()], lr=1e-3)
 tracker = etap_torch.AffinityTracker(trunk.parameters(), optimizer)
 
-for step in range(300):
+for _ in range(300):
     inputs = torch.randn(64, features)
     shared = trunk(inputs)
-    losses = [
-        nn.functional.mse_loss(head(shared), torch.tanh(inputs @ w))
-        for head, w in zip(heads, task_weights)
-    ]
+    targets = [torch.tanh(inputs @ w) for w in task_weights]
+    losses = [nn.functional.mse_loss(h(shared), y) for h, y in zip(heads, targets, strict=True)]
     optimizer.zero_grad()
     tracker.backward(losses)  # in place of sum(losses).backward()
     optimizer.step()  # the tracker scores the step in a pre-hook

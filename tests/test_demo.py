@@ -68,7 +68,8 @@ def test_demo_held_out_truth_is_the_ground_truth_mean(tiny_report):
     truth = load_ground_truth("chemical")
     mean_gains = truth.gains.double().mean(dim=0)
     held_out = report["held_out"]
-    expected = [float(mean_gains[g, t]) for g, t in zip(held_out["group"], held_out["task"])]
+    pairs = zip(held_out["group"], held_out["task"], strict=True)
+    expected = [float(mean_gains[g, t]) for g, t in pairs]
     assert held_out["true"] == pytest.approx(expected, abs=1e-12)
     assert not set(held_out["group"]) & set(report["labelled_groups"])
 
