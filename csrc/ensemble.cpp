@@ -22,6 +22,9 @@
 // contributes nothing, which makes alpha = 0 the minimum-norm least squares.
 #include "ensemble.h"
 
+// The matrices are small and the grid cells already run in parallel.
+#define EIGEN_DONT_PARALLELIZE
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -126,19 +129,17 @@ std::vector<double> linspace(double start, double stop, int64_t num) {
   return values;
 }
 
-// The values of every B-spline of degree k on knots t at x, in
-// [t[k], t[n]] (n = number of basis functions), written into row[0, n).
-// Cox-de Boor on the interval t[l] <= x < t[l + 1] (the last interval is
-// closed), which is how scipy's BSpline evaluates.
-void bspline_values(
-    const std::vector<double>& knots, int64_t k, double x, double* row) {
+// The k + 1 B-splines of degree k on knots t that can be non-zero at x, in
+// [t[k], t[n]] (n = number of basis functions): writes their values and
+// returns the index of the first. Cox-de Boor on the interval t[l] <= x < t[l +
+// 1] (the last interval is closed), which is how scipy's BSpline evaluates.
+int64_t bspline_band(
+    const std::vector<double>& knots, int64_t k, double x, double* values) {
   const auto n = static_cast<int64_t>(knots.size()) - k - 1;
-  std::fill(row, row + n, 0.0);
   const auto first_above =
       std::upper_bound(knots.begin() + k + 1, knots.begin() + n, x);
   const int64_t interval = (first_above - knots.begin()) - 1;
 
-  double values[16];
   double previous[16];
   values[0] = 1.0;
   for (int64_t j = 1; j <= k; ++j) {
@@ -156,9 +157,17 @@ void bspline_values(
       values[m] = weight * (x - left);
     }
   }
-  for (int64_t m = 0; m <= k; ++m) {
-    row[interval - k + m] = values[m];
-  }
+  return interval - k;
+}
+
+// The values of every B-spline at x, written into row[0, n).
+void bspline_values(
+    const std::vector<double>& knots, int64_t k, double x, double* row) {
+  const auto n = static_cast<int64_t>(knots.size()) - k - 1;
+  std::fill(row, row + n, 0.0);
+  double values[16];
+  const int64_t first = bspline_band(knots, k, x, values);
+  std::copy(values, values + k + 1, row + first);
 }
 
 // The basis of SplineTransformer(knots="uniform", extrapolation="constant",
@@ -317,6 +326,29 @@ double column_mean(const RowMatrix& matrix, Index column) {
   return values.mean();
 }
 
+// Fills the eigen-part of `path` from the (lower triangle of the) centred
+// Gram matrix of the active columns and their cross products with the
+// centred targets [active, m].
+void solve_primal(
+    RidgePath& path, const Eigen::MatrixXd& gram, const RowMatrix& cross) {
+  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(gram);
+  TORCH_CHECK(
+      solver.info() == Eigen::Success,
+      "The ridge eigendecomposition should converge. Found Eigen status ",
+      static_cast<int>(solver.info()),
+      " for a ",
+      gram.rows(),
+      " x ",
+      gram.cols(),
+      " matrix.");
+  path.eigenvalues = solver.eigenvalues();
+  const double largest = std::max(path.eigenvalues.maxCoeff(), 0.0);
+  path.cutoff = largest * static_cast<double>(gram.rows()) *
+                std::numeric_limits<double>::epsilon();
+  path.directions = solver.eigenvectors();
+  path.projections = solver.eigenvectors().transpose() * cross;
+}
+
 RidgePath ridge_path(const RowMatrix& features, const RowMatrix& targets) {
   const Index n = features.rows();
   RidgePath path;
@@ -340,37 +372,17 @@ RidgePath ridge_path(const RowMatrix& features, const RowMatrix& targets) {
   }
   const RowMatrix centred_targets = targets.rowwise() - path.target_mean;
 
-  const bool primal = q <= n;
-  Eigen::MatrixXd gram(primal ? q : n, primal ? q : n);
-  if (primal) {
-    gram.setZero();
+  if (q <= n) {
+    Eigen::MatrixXd gram = Eigen::MatrixXd::Zero(q, q);
     gram.selfadjointView<Eigen::Lower>().rankUpdate(centred.transpose());
-  } else {
-    gram.setZero();
-    gram.selfadjointView<Eigen::Lower>().rankUpdate(centred);
+    solve_primal(path, gram, centred.transpose() * centred_targets);
+    return path;
   }
-  Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> solver(gram);
-  TORCH_CHECK(
-      solver.info() == Eigen::Success,
-      "The ridge eigendecomposition should converge. Found Eigen status ",
-      static_cast<int>(solver.info()),
-      " for a ",
-      gram.rows(),
-      " x ",
-      gram.cols(),
-      " matrix.");
-  path.eigenvalues = solver.eigenvalues();
-  const double largest = std::max(path.eigenvalues.maxCoeff(), 0.0);
-  path.cutoff = largest * static_cast<double>(gram.rows()) *
-                std::numeric_limits<double>::epsilon();
-  if (primal) {
-    path.directions = solver.eigenvectors();
-    path.projections = solver.eigenvectors().transpose() *
-                       (centred.transpose() * centred_targets);
-  } else {
-    path.directions = centred.transpose() * solver.eigenvectors();
-    path.projections = solver.eigenvectors().transpose() * centred_targets;
-  }
+  // The dual form: eigenvectors Q of X X^T give the directions X^T Q.
+  Eigen::MatrixXd kernel = Eigen::MatrixXd::Zero(n, n);
+  kernel.selfadjointView<Eigen::Lower>().rankUpdate(centred);
+  solve_primal(path, kernel, centred_targets);
+  path.directions = centred.transpose() * path.directions;
   return path;
 }
 
@@ -381,6 +393,72 @@ RowMatrix select_rows(
     selected.row(static_cast<Index>(i)) = matrix.row(rows[i]);
   }
   return selected;
+}
+
+// The ridge path of the spline basis of the training rows, from Gram sums
+// over each row's degree + 1 non-zero basis values instead of the dense
+// design; the same path as ridge_path on the dense design. Training rows lie
+// inside the knot range, so no extrapolation is involved.
+RidgePath spline_ridge_path(
+    const Spline& spline,
+    const double* values,
+    const double* gain,
+    const std::vector<int64_t>& rows) {
+  const Index size = spline.size();
+  const auto n = static_cast<Index>(rows.size());
+  const int64_t width = spline.degree + 1;
+  Eigen::MatrixXd products = Eigen::MatrixXd::Zero(size, size);
+  Vector sums = Vector::Zero(size);
+  Vector cross = Vector::Zero(size);
+  double gain_total = 0.0;
+  double band[16];
+  for (const auto row : rows) {
+    const int64_t first =
+        bspline_band(spline.knots, spline.degree, values[row], band);
+    for (int64_t a = 0; a < width; ++a) {
+      for (int64_t b = 0; b <= a; ++b) {
+        products(first + a, first + b) += band[a] * band[b];
+      }
+      sums[first + a] += band[a];
+      cross[first + a] += band[a] * gain[row];
+    }
+    gain_total += gain[row];
+  }
+
+  RidgePath path;
+  path.feature_mean = (sums / static_cast<double>(n)).transpose();
+  path.target_mean = Eigen::RowVectorXd::Constant(1, gain_total / n);
+  for (Index column = 0; column < size; ++column) {
+    if (products(column, column) > 0.0) {
+      path.active.push_back(column);
+    }
+  }
+  const auto q = static_cast<Index>(path.active.size());
+  if (q == 0) {
+    return path;
+  }
+  if (q > n) {
+    RowMatrix targets(n, 1);
+    for (Index i = 0; i < n; ++i) {
+      targets(i, 0) = gain[rows[i]];
+    }
+    return ridge_path(spline_design(spline, values, rows), targets);
+  }
+  Eigen::MatrixXd gram(q, q);
+  RowMatrix centred_cross(q, 1);
+  const auto count = static_cast<double>(n);
+  for (Index a = 0; a < q; ++a) {
+    const Index column = path.active[a];
+    const double mean = path.feature_mean[column];
+    for (Index b = 0; b <= a; ++b) {
+      const Index other = path.active[b];
+      gram(a, b) =
+          products(column, other) - count * mean * path.feature_mean[other];
+    }
+    centred_cross(a, 0) = cross[column] - count * mean * path.target_mean[0];
+  }
+  solve_primal(path, gram, centred_cross);
+  return path;
 }
 
 // Mean squared error over every entry of the validation targets, for each
@@ -461,6 +539,9 @@ std::vector<double> ridge_cv_scores(
 
 // Training rows ordered by distance to x; an exact tie in distance goes to
 // the earlier row. Only the first `count` are ordered.
+// TODO(knn-ties): scikit-learn breaks exact ties in the order its KD tree
+// visits the points, which no simple rule reproduces; results agree with it
+// whenever the k-th and (k+1)-th nearest distances differ.
 std::vector<int64_t> nearest_rows(
     const double* values,
     const std::vector<int64_t>& rows,
@@ -659,16 +740,12 @@ SplineSelection select_spline(
           training_rows(n, boundaries[fold], boundaries[fold + 1]);
 
       const auto spline = fit_spline(z.data(), training, degree, knots);
-      RowMatrix training_gain(static_cast<Index>(training.size()), 1);
-      for (size_t i = 0; i < training.size(); ++i) {
-        training_gain(static_cast<Index>(i), 0) = gain[training[i]];
-      }
       RowMatrix validation_gain(static_cast<Index>(validation.size()), 1);
       for (size_t i = 0; i < validation.size(); ++i) {
         validation_gain(static_cast<Index>(i), 0) = gain[validation[i]];
       }
       const auto path =
-          ridge_path(spline_design(spline, z.data(), training), training_gain);
+          spline_ridge_path(spline, z.data(), gain.data(), training);
       validation_errors(
           path,
           spline_design(spline, z.data(), validation),
@@ -962,8 +1039,7 @@ void EnsemblePredictor::fit(
     std::iota(all.begin(), all.end(), 0);
     const auto spline =
         fit_spline(z.data(), all, selection.degree, selection.n_knots);
-    RowMatrix targets = Eigen::Map<const Vector>(gain.data(), num_pairs);
-    const auto path = ridge_path(spline_design(spline, z.data(), all), targets);
+    const auto path = spline_ridge_path(spline, z.data(), gain.data(), all);
     const RowMatrix coef = path.coefficients(selection.alpha);
     const double intercept = path.intercept(coef)[0];
     TORCH_CHECK(

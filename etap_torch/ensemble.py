@@ -156,6 +156,9 @@ class EnsemblePredictor:
     error. Ties in neighbour distance go to the earlier training pair. Singleton training
     groups carry no pair and no residual row (their gain is zero by definition).
 
+    Inputs may live on any device and have any floating dtype; fitting and prediction run on
+    the CPU in float64.
+
     Args:
         stages: a preset, ``"full"`` (spline + residual, the default), ``"affine"``,
             ``"affine+spline"``, ``"affine+knn"`` or ``"full+knn"``; overridden by
@@ -208,6 +211,8 @@ class EnsemblePredictor:
             )
         if residual is None:
             residual = preset_residual
+        # TODO(shuffled-folds): folds are always contiguous and unshuffled, as the method
+        # specifies; a seeded shuffle of the pairs before cross-validation is not offered yet.
         self._impl = _cpp_class()(
             _NONLINEAR_CODES[nonlinear],
             bool(residual),

@@ -266,8 +266,8 @@ def test_bad_inputs_are_refused_with_the_place() -> None:
     bad[2, 1] = float("nan")
     assert "`affinity` should be finite. Found nan at row 2, column 1" in fit_error(affinity=bad)
     bad = gains.clone()
-    bad[groups.nonzero()[3].tolist()] = float("inf")
     row, column = groups.nonzero()[3].tolist()
+    bad[row, column] = float("inf")
     assert f"`gains` should be finite. Found inf at row {row}, column {column}" in fit_error(
         gains=bad
     )
@@ -293,8 +293,10 @@ def test_too_few_pairs_or_groups_are_refused() -> None:
     gains = torch.tensor([[0.1, 0.2, 0.0]], dtype=torch.float64)
     with pytest.raises(RuntimeError, match=r"`residual_folds`.*at least 2 samples.*Found 1"):
         EnsemblePredictor(**GRID).fit(affinity, one_pair_group, gains)
-    affine = EnsemblePredictor("affine+spline", **GRID).fit(affinity, one_pair_group, gains)
-    assert torch.allclose(affine.predict(one_pair_group), gains, atol=1e-12)
+    # Two pairs with the same feature: the constant-feature fallback, the mean gain.
+    spline = EnsemblePredictor("affine+spline", **GRID).fit(affinity, one_pair_group, gains)
+    predicted = spline.predict(one_pair_group)
+    assert predicted.flatten().tolist() == pytest.approx([0.15, 0.15, 0.0], abs=1e-15)
 
 
 def test_bad_configuration_is_refused() -> None:
