@@ -10,7 +10,7 @@ from etap_torch.ensemble import EnsemblePredictor, group_affinity
 from etap_torch.gains import GainTable, collect_gains, gains_from_losses
 from etap_torch.grouping import SelectionResult, all_groups, select_from_predictor, select_groups
 from etap_torch.lookahead import exact_lookahead
-from etap_torch.metrics import prediction_quality
+from etap_torch.metrics import PredictionQuality, prediction_quality
 from etap_torch.ops import affinity, affinity_adam, affinity_sgd
 from etap_torch.tracker import AffinityTracker
 
@@ -18,6 +18,7 @@ __all__ = [
     "AffinityTracker",
     "EnsemblePredictor",
     "GainTable",
+    "PredictionQuality",
     "SelectionResult",
     "affinity",
     "affinity_adam",
