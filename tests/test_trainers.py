@@ -3,7 +3,6 @@ their members, early stopping restores the best epoch, and the tracker runs insi
 
 from dataclasses import replace
 
-import _fallback_ops  # noqa: F401
 import pytest
 import torch
 
