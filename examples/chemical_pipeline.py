@@ -54,7 +54,14 @@ def main() -> None:
     predictor = etap_torch.EnsemblePredictor().fit(
         affinity, table.groups[is_group], table.mean_gains[is_group]
     )
-    print("fitted:", predictor.summary())
+    summary = predictor.summary()
+    spline, residual = summary["spline"], summary["residual"]
+    print(
+        f"fitted on {summary['num_pairs']} pairs: z = {summary['affine']['slope']:.4g} x "
+        f"+ {summary['affine']['intercept']:.4g}; spline degree {spline['degree']}, "
+        f"{spline['n_knots']} knots, alpha {spline['alpha']:g}; residual alpha "
+        f"{residual['alpha']:.3g}"
+    )
 
     # 4. Predict every group of two or more tasks and choose a grouping.
     groups, predicted = predictor.predict_all()
