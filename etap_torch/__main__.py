@@ -57,7 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         quality_repeats=args.quality_repeats,
         figures=not args.no_figures,
     )
-    print(format_report(run_demo(config)))
+    try:
+        report = run_demo(config)
+    except ValueError as error:
+        demo.error(str(error))
+    print(format_report(report))
     return 0
 
 

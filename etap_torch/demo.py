@@ -372,6 +372,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     losses = truth.test_losses.to(torch.float64).mean(dim=0)
     task_names = list(truth.task_names)
 
+    train, held_out = split_groups(groups, config.labelled, config.seed)
     measured = measure_affinity(
         config.dataset,
         seed=config.seed,
@@ -379,7 +380,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         lookahead_every=config.lookahead_every,
         max_epochs=config.max_epochs,
     )
-    train, held_out = split_groups(groups, config.labelled, config.seed)
 
     methods: dict[str, dict[str, float]] = {}
     predictions: dict[str, torch.Tensor] = {}
@@ -468,7 +468,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"{config['labelled']} labelled groups (seed {config['seed']}), "
         f"{report['held_out_groups']} held-out groups",
         f"all-tasks training with the tracker: {report['training']['seconds']:.1f} s "
-        f"({report['training']['epochs']} epochs, of which exact lookahead "
+        f"({report['training']['epochs']} epoch(s), of which exact lookahead "
         f"{report['training']['lookahead_seconds']:.1f} s); fitting: "
         f"{1000 * report['fit_seconds']:.1f} ms",
         "",

@@ -22,6 +22,7 @@ the next). Candidate ``N + t`` is task ``t`` alone, so real groups win ties agai
 from __future__ import annotations
 
 import dataclasses
+import operator
 import warnings
 from collections.abc import Sequence
 from typing import Protocol
@@ -162,8 +163,14 @@ def select_groups(
         raise ValueError(f'Parameter `mode` should be "cover" or "partition". Found {mode!r}.')
     if method not in _METHODS:
         raise ValueError(f"Parameter `method` should be one of {_METHODS}. Found {method!r}.")
-    if isinstance(max_groups, bool) or not isinstance(max_groups, int):
+    if isinstance(max_groups, bool):
         raise ValueError(f"Parameter `max_groups` should be an int. Found {max_groups!r}.")
+    try:
+        max_groups = operator.index(max_groups)
+    except TypeError:
+        raise ValueError(
+            f"Parameter `max_groups` should be an int. Found {max_groups!r}."
+        ) from None
     groups = torch.as_tensor(groups)
     gains = torch.as_tensor(gains)
     if groups.dim() != 2:

@@ -42,7 +42,9 @@ def affinity(grads: Sequence[Tensor], updates: Sequence[Tensor], losses: Tensor)
             gradient of task ``t``'s loss with respect to parameter ``k``.
         updates: one stack ``[T, *shape_k]`` per parameter: ``updates[k][s]`` is the update
             direction of source task ``s`` (displacement per unit learning rate).
-        losses: ``[T]``, the loss of each task at the current parameters.
+        losses: ``[T]``, the loss of each task at the current parameters. A column whose
+            loss is not finite or not positive is returned as zeros (pass ones to skip the
+            division, e.g. for losses that can be negative).
 
     Returns:
         ``A`` of shape ``[T, T]`` with ``A[s, t] = sum_k <grads[k][t], updates[k][s]> /
@@ -77,7 +79,8 @@ def affinity_sgd(
         scales: one number per parameter, the coefficient of the gradient.
         offsets: one task-independent tensor of shape ``shape_k`` per parameter, or ``None``
             for zero (for instance momentum and weight-decay terms).
-        losses: ``[T]``, the loss of each task.
+        losses: ``[T]``, the loss of each task; a column whose loss is not finite or not
+            positive is zeros.
 
     Returns:
         ``A`` of shape ``[T, T]``: ``A[s, t] = sum_k (scales[k] * <g_t, g_s> +
@@ -137,7 +140,8 @@ def affinity_adam(
         step: the step count ``k`` before the step (bias corrections use ``k + 1``).
         decoupled: ``True`` for AdamW's decoupled weight decay.
         amsgrad, maximize: the parameter group's flags.
-        losses: ``[T]``, the loss of each task.
+        losses: ``[T]``, the loss of each task; a column whose loss is not finite or not
+            positive is zeros.
 
     Returns:
         ``A`` of shape ``[T, T]``, ``A[s, t] = sum_k <grads[k][t], d_k[s]> / losses[t]``.
@@ -170,13 +174,21 @@ def affinity_adam(
     )
 
 
-def _fake_result(op_name: str, tensors: Sequence[Tensor | None], losses: Tensor) -> Tensor:
+def _fake_result(
+    op_name: str, tensors: Sequence[Tensor | None], losses: Tensor, grads: Sequence[Tensor] = ()
+) -> Tensor:
     """The ``[T, T]`` result's metadata, with the checks that need no data."""
     if losses.dim() != 1:
         raise RuntimeError(
             f"{op_name}: Parameter `losses` should have shape [T] (one loss per task). "
             f"Found shape {list(losses.shape)}."
         )
+    for index, grad in enumerate(grads):
+        if grad.dim() == 0 or grad.shape[0] != losses.shape[0]:
+            raise RuntimeError(
+                f"{op_name}: Parameter `grads[{index}]` should be a stack [T, ...] with "
+                f"T = {losses.shape[0]} (the length of `losses`). Found shape {list(grad.shape)}."
+            )
     present = [tensor for tensor in tensors if tensor is not None]
     for tensor in present:
         if not tensor.is_floating_point():
@@ -197,14 +209,14 @@ def _fake_result(op_name: str, tensors: Sequence[Tensor | None], losses: Tensor)
 
 @torch.library.register_fake("etap::affinity")
 def _affinity_fake(grads: list[Tensor], updates: list[Tensor], losses: Tensor) -> Tensor:
-    return _fake_result("etap::affinity", [*grads, *updates], losses)
+    return _fake_result("etap::affinity", [*grads, *updates], losses, grads)
 
 
 @torch.library.register_fake("etap::affinity_sgd")
 def _affinity_sgd_fake(
     grads: list[Tensor], scales: list[float], offsets: list[Tensor | None], losses: Tensor
 ) -> Tensor:
-    return _fake_result("etap::affinity_sgd", [*grads, *offsets], losses)
+    return _fake_result("etap::affinity_sgd", [*grads, *offsets], losses, grads)
 
 
 @torch.library.register_fake("etap::affinity_adam")
@@ -226,4 +238,4 @@ def _affinity_adam_fake(
 ) -> Tensor:
     read_maxima = [m for m, flag in zip(max_exp_avg_sqs, amsgrad, strict=False) if flag]
     tensors = [*grads, *params, *exp_avgs, *exp_avg_sqs, *read_maxima]
-    return _fake_result("etap::affinity_adam", tensors, losses)
+    return _fake_result("etap::affinity_adam", tensors, losses, grads)

@@ -614,6 +614,20 @@ class AffinityTracker:
                     f"shapes {[None if t is None else list(t.shape) for t in tensors]}",
                 )
             )
+        count, mean, m2 = tensors
+        if count is not None and (
+            count.is_floating_point() or count.is_complex() or bool((count < 0).any())
+        ):
+            raise ValueError(
+                _error("state_dict", "hold non-negative integer counts", f"count {count}")
+            )
+        for key, values in (("mean", mean), ("m2", m2)):
+            if count is None or values is None:
+                continue
+            if not bool(torch.isfinite(values[count > 0]).all()):
+                raise ValueError(
+                    _error("state_dict", f"hold a finite `{key}` where counts are positive", values)
+                )
         self.every = int(state_dict["every"])
         self.normalize = state_dict["normalize"]
         self._steps = int(state_dict["steps"])
@@ -621,7 +635,6 @@ class AffinityTracker:
         self.skipped_steps = int(state_dict["skipped_steps"])
         self.num_tasks = num_tasks
         self.task_names = state_dict["task_names"]
-        count, mean, m2 = tensors
         self._count = None if count is None else count.to(torch.int64).clone()
         self._mean = None if mean is None else mean.to(torch.float64).clone()
         self._m2 = None if m2 is None else m2.to(torch.float64).clone()

@@ -307,3 +307,12 @@ def test_rejects_cuda_tensors_without_cuda_build() -> None:
     grads = [torch.ones(2, 4, device="cuda")]
     with pytest.raises(RuntimeError, match=r"built without CUDA kernels"):
         ops.affinity(grads, grads, torch.ones(2, device="cuda"))
+
+
+def test_fake_kernel_checks_the_task_count_of_every_stack():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        grads = [torch.randn(3, 4)]
+        with pytest.raises(RuntimeError, match=r"grads\[0\]"):
+            torch.ops.etap.affinity(grads, grads, torch.ones(2))

@@ -452,3 +452,15 @@ def test_opcheck():
         torch.library.opcheck(
             torch.ops.etap.select_groups.default, (groups, gains, 2, mode, False, "auto")
         )
+
+
+def test_max_groups_accepts_numpy_and_tensor_integers():
+    import numpy as np
+
+    groups = all_groups(4)
+    gains = torch.where(groups, torch.linspace(-1, 1, groups.numel()).view(groups.shape), 0.0)
+    expected = select_groups(groups, gains, max_groups=2)
+    for budget in (np.int64(2), torch.tensor(2)):
+        assert select_groups(groups, gains, max_groups=budget).chosen == expected.chosen
+    with pytest.raises(ValueError, match="`max_groups`"):
+        select_groups(groups, gains, max_groups=2.0)

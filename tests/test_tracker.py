@@ -548,3 +548,24 @@ def test_float32_training_matches_the_float64_oracle(name):
     torch.testing.assert_close(
         tracker.affinity, torch.stack(expected).mean(0), rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "corrupt", "message"),
+    [
+        ("count", lambda t: torch.full_like(t, -5), "non-negative integer counts"),
+        ("count", lambda t: t.double(), "non-negative integer counts"),
+        ("mean", lambda t: t * math.nan, "finite `mean`"),
+        ("m2", lambda t: t * math.inf, "finite `m2`"),
+    ],
+)
+def test_load_state_dict_refuses_corrupted_statistics(key, corrupt, message):
+    param = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    tracker = AffinityTracker([param], optimizer)
+    tracker.backward([(param - 1).pow(2).sum(), (param + 1).pow(2).sum()])
+    optimizer.step()
+    state = tracker.state_dict()
+    state[key] = corrupt(state[key])
+    with pytest.raises(ValueError, match=message):
+        AffinityTracker([param], optimizer).load_state_dict(state)
