@@ -310,6 +310,16 @@ class EnsemblePredictor:
                     f"Parameter `state_dict` should map names to tensors or numbers. "
                     f"Found {type(value).__name__} for {key!r}."
                 )
+        for key, value in tensors.items():
+            # Fitted parameters and grids must be finite; cross-validation scores may hold
+            # inf for candidates that could not be scored.
+            if key.endswith("cv_scores") or not value.is_floating_point():
+                continue
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(
+                    f"Parameter `state_dict` should hold finite values. Found non-finite "
+                    f"values in {key!r}."
+                )
         self._impl = _cpp_class().from_state(tensors)
 
     @classmethod

@@ -312,3 +312,15 @@ def test_bad_configuration_is_refused() -> None:
         EnsemblePredictor("everything")  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match=r"should be fitted before `predict`"):
         EnsemblePredictor().predict(torch.ones(1, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("key", ["spline.coef", "residual.intercept", "affinity", "affine.slope"])
+def test_load_state_dict_refuses_non_finite_parameters(key):
+    groups = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 0, 1], [1, 1, 1]]).bool()
+    gains = torch.tensor([[0.1, 0.2, 0], [0, 0.3, 0.1], [0.05, 0, 0.1], [0.1, 0.2, 0.2]])
+    affinity = torch.tensor([[0.0, 0.2, 0.1], [0.3, 0.0, 0.4], [0.1, 0.5, 0.0]])
+    state = EnsemblePredictor().fit(affinity, groups, gains).state_dict()
+    value = state[key]
+    state[key] = value * math.nan if isinstance(value, torch.Tensor) else math.nan
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        EnsemblePredictor().load_state_dict(state)
