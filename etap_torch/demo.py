@@ -468,7 +468,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{config['labelled']} labelled groups (seed {config['seed']}), "
         f"{report['held_out_groups']} held-out groups",
         f"all-tasks training with the tracker: {report['training']['seconds']:.1f} s "
-        f"({report['training']['epochs']} epoch(s), of which exact lookahead "
+        f"({report['training']['epochs']} epoch{'' if report['training']['epochs'] == 1 else 's'}, "
+        "of which exact lookahead "
         f"{report['training']['lookahead_seconds']:.1f} s); fitting: "
         f"{1000 * report['fit_seconds']:.1f} ms",
         "",
