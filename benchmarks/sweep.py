@@ -21,20 +21,23 @@ import argparse
 import time
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from etap_torch.datasets import load_ground_truth
-from etap_torch.demo import choose_groupings, fit_and_score, measure_affinity, split_groups
+from etap_torch.demo import (
+    choose_with_predictor,
+    fit_and_score,
+    measure_affinity,
+    split_groups,
+    truth_tables,
+)
 
 
 def sweep_dataset(
     name: str, labelled_counts: list[int], seeds: int, budgets: list[int], lookahead_every: int
-) -> list[dict]:
-    truth = load_ground_truth(name)
-    groups = torch.as_tensor(truth.groups, dtype=torch.bool)
-    gains = torch.as_tensor(np.asarray(truth.gains), dtype=torch.float64).mean(dim=0)
-    losses = torch.as_tensor(np.asarray(truth.test_losses), dtype=torch.float64).mean(dim=0)
+) -> tuple[list[dict], dict]:
+    """The sweep's rows for one dataset, and the dataset's noise ceiling."""
+    truth, groups, gains, losses = truth_tables(name)
+    task_names = list(truth.task_names)
     started = time.perf_counter()
     measured = measure_affinity(
         name, seed=0, every=1, lookahead_every=lookahead_every, max_epochs=None
@@ -59,9 +62,9 @@ def sweep_dataset(
             scores["lookahead"].append(
                 fit_and_score(measured["lookahead"], groups, gains, train, held_out, "affine")[2]
             )
-            choice = predictor.predict(groups)
-            choice[train] = gains[train]
-            grouping = choose_groupings(groups, choice, losses, budgets, list(truth.task_names))
+            grouping = choose_with_predictor(
+                predictor, groups, gains, losses, train, budgets, task_names
+            )
             regrets.append(np.mean([row["gap"] for row in grouping]))
             one_model.append(
                 np.mean(
@@ -77,7 +80,7 @@ def sweep_dataset(
             for metric in ("r2", "pearson", "rmse"):
                 row[f"{method}_{metric}"] = [v[metric] for v in values]
         rows.append(row)
-    return rows
+    return rows, truth.noise_ceiling
 
 
 def _cell(values: list[float], percent: bool = False) -> str:
@@ -104,8 +107,9 @@ def main() -> None:
     lines = [header, "-" * len(header)]
     ceilings = []
     for name in names:
-        ceilings.append((name, load_ground_truth(name).noise_ceiling))
-        for row in sweep_dataset(name, counts, args.seeds, budgets, args.lookahead_every):
+        rows, ceiling = sweep_dataset(name, counts, args.seeds, budgets, args.lookahead_every)
+        ceilings.append((name, ceiling))
+        for row in rows:
             lines.append(
                 f"{name:<9}{row['labelled']:>4}  {_cell(row['etap_r2']):>14}"
                 f"{_cell(row['etap_pearson']):>14}{_cell(row['etap_rmse']):>14}"

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from etap_torch.datasets import load_ground_truth
+from etap_torch.datasets import GroundTruth, load_ground_truth
 from etap_torch.ensemble import EnsemblePredictor
 from etap_torch.grouping import select_groups
 from etap_torch.lookahead import exact_lookahead
@@ -127,6 +127,18 @@ def measure_affinity(
         "epochs": result.epochs,
         "test_losses": result.test_losses.double().numpy(),
     }
+
+
+def truth_tables(dataset: str) -> tuple[GroundTruth, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The committed ground truth and its tables averaged over seeds.
+
+    Returns `(truth, groups [N, T] bool, gains [N, T] float64, test losses [N, T] float64)`.
+    """
+    truth = load_ground_truth(dataset)
+    groups = torch.as_tensor(truth.groups, dtype=torch.bool)
+    gains = truth.mean_gains.to(torch.float64)
+    losses = truth.test_losses.to(torch.float64).mean(dim=0)
+    return truth, groups, gains, losses
 
 
 def split_groups(groups: torch.Tensor, labelled: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -256,6 +268,24 @@ def choose_groupings(
     return rows
 
 
+def choose_with_predictor(
+    predictor: EnsemblePredictor,
+    groups: torch.Tensor,
+    gains: torch.Tensor,
+    losses: torch.Tensor,
+    train: np.ndarray,
+    budgets: Sequence[int],
+    task_names: Sequence[str],
+) -> list[dict[str, Any]]:
+    """`choose_groupings` from the predicted gains of every group.
+
+    The labelled `train` rows enter at their measured gains.
+    """
+    choice_gains = predictor.predict(groups)
+    choice_gains[train] = gains[train]
+    return choose_groupings(groups, choice_gains, losses, budgets, task_names)
+
+
 def quality_curve(
     affinity: np.ndarray,
     groups: torch.Tensor,
@@ -366,10 +396,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
 
-    truth = load_ground_truth(config.dataset)
-    groups = torch.as_tensor(truth.groups, dtype=torch.bool)
-    gains = truth.mean_gains.to(torch.float64)
-    losses = truth.test_losses.to(torch.float64).mean(dim=0)
+    truth, groups, gains, losses = truth_tables(config.dataset)
     task_names = list(truth.task_names)
 
     train, held_out = split_groups(groups, config.labelled, config.seed)
@@ -398,9 +425,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             etap_predictor = predictor
     fit_seconds = time.perf_counter() - started
 
-    choice_gains = etap_predictor.predict(groups)
-    choice_gains[train] = gains[train]
-    grouping = choose_groupings(groups, choice_gains, losses, config.budgets, task_names)
+    grouping = choose_with_predictor(
+        etap_predictor, groups, gains, losses, train, config.budgets, task_names
+    )
 
     member = groups[held_out]
     rows, cols = torch.nonzero(member & (member.sum(dim=1, keepdim=True) >= 2), as_tuple=True)
